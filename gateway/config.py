@@ -1,0 +1,438 @@
+"""The configuration schema: the one place that defines every setting.
+
+Sources, from lowest to highest precedence:
+
+1. the defaults below (a complete embedded configuration: SQLite and local
+   folders under the data dir, local workers, automatic CPU/GPU choice);
+2. a TOML file (``--config FILE``);
+3. ``AIGW_*`` environment variables (for containers), see :data:`ENV_VARS`;
+4. command-line flags of ``aigw serve``.
+
+Every error names the file, the key path and the reason, for example
+``gateway.toml: routes[1].conditions[0].regex: invalid regular expression``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping, Sequence
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "Condition",
+    "Config",
+    "ConfigError",
+    "Destination",
+    "ENV_VARS",
+    "LatePolicy",
+    "Route",
+    "SelectorMode",
+    "UnroutedPolicy",
+    "load_config",
+    "parse_destination",
+]
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, 16 chars
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names file, key and reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_ae(value: str) -> str:
+    v = value.strip()
+    if not _AE_RE.match(v) or not v:
+        raise ValueError("an AE title is 1 to 16 printable characters without backslash")
+    return v
+
+
+class LatePolicy(str, Enum):
+    """What to do with instances that arrive after their series was processed."""
+
+    REPROCESS = "reprocess"  # process the series again as a new version
+    IGNORE = "ignore"  # store them, but do not process again
+
+
+class UnroutedPolicy(str, Enum):
+    """What to do with a complete series that no route matched."""
+
+    KEEP = "keep"  # keep in the data dir, count it
+    FORWARD = "forward"  # send the original instances on to the destinations
+
+
+class SelectorMode(str, Enum):
+    """How a route's conditions combine with its pipeline's default selector."""
+
+    NARROW = "narrow"  # default selector AND conditions
+    WIDEN = "widen"  # default selector OR conditions
+    REPLACE = "replace"  # conditions only
+
+
+class Condition(_Strict):
+    """One test on a series. Exactly one operator is given.
+
+    ``keyword`` names a DICOM keyword (``Modality``), a private tag as eight hex
+    digits (``0019100C``) or the pseudo-keyword ``CallingAETitle``.
+    ``aggregate`` turns the test into one on a series-level number:
+    ``distinct`` (number of distinct values of the keyword over the series) or
+    ``instances`` (number of instances; no keyword needed).
+    """
+
+    keyword: str | None = None
+    aggregate: Literal["distinct", "instances"] | None = None
+    equals: str | float | int | bool | None = None
+    one_of: list[str | float | int] | None = None
+    regex: str | None = None
+    range: tuple[float | None, float | None] | None = Field(
+        default=None, description="inclusive [min, max]; null for an open end"
+    )
+    exists: bool | None = None
+
+    @field_validator("regex")
+    @classmethod
+    def _regex_compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _one_operator(self) -> Condition:
+        ops = [
+            n for n in ("equals", "one_of", "regex", "range", "exists") if getattr(self, n) is not None
+        ]
+        if len(ops) != 1:
+            raise ValueError(
+                "a condition needs exactly one of equals, one_of, regex, range, exists"
+                f" (found {', '.join(ops) or 'none'})"
+            )
+        if self.aggregate != "instances" and not self.keyword:
+            raise ValueError("a condition needs a keyword (unless aggregate = 'instances')")
+        if self.aggregate and ops[0] not in ("equals", "range"):
+            raise ValueError("an aggregate condition takes equals or range")
+        return self
+
+    def describe(self) -> str:
+        """Human readable form, used by ``aigw route explain``."""
+        subject = self.keyword or ""
+        if self.aggregate == "distinct":
+            subject = f"distinct({self.keyword})"
+        elif self.aggregate == "instances":
+            subject = "instances"
+        if self.equals is not None:
+            return f"{subject} == {self.equals!r}"
+        if self.one_of is not None:
+            return f"{subject} in {self.one_of!r}"
+        if self.regex is not None:
+            return f"{subject} ~ /{self.regex}/"
+        if self.range is not None:
+            lo, hi = self.range
+            return f"{'-inf' if lo is None else lo} <= {subject} <= {'inf' if hi is None else hi}"
+        return f"{subject} {'exists' if self.exists else 'is absent'}"
+
+
+class Route(_Strict):
+    """A routing rule: which series go to which pipeline."""
+
+    name: str = Field(min_length=1, max_length=64)
+    pipeline: str
+    selector: SelectorMode = SelectorMode.NARROW
+    conditions: list[Condition] = Field(default_factory=list)
+    calling_ae: list[str] = Field(default_factory=list, description="only from these senders")
+    quiet_period_seconds: float | None = Field(default=None, gt=0, le=86400)
+
+    _ae = field_validator("calling_ae")(lambda cls, v: [_check_ae(x) for x in v])
+
+
+class Destination(_Strict):
+    """A DICOM node that receives results (C-STORE SCP)."""
+
+    name: str = Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _ae = field_validator("ae_title")(lambda cls, v: _check_ae(v))
+
+
+class GatewaySettings(_Strict):
+    ae_title: str = "AIGW"
+    host: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=0, le=65535)
+    data_dir: Path = Path("aigw-data")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/index.sqlite (WAL)"
+    )
+    allow_ae: list[str] = Field(default_factory=list, description="empty: accept any caller")
+    allow_hosts: list[str] = Field(default_factory=list, description="IP addresses or CIDR blocks")
+    require_called_ae: bool = Field(default=False, description="reject if called AE != ae_title")
+    max_associations: int = Field(default=16, ge=1, le=1000)
+    max_pdu_bytes: int = Field(default=262_144, ge=4096, le=16_777_216)
+    max_instance_bytes: int = Field(default=4 * 1024**3, ge=1024)
+    min_free_bytes: int = Field(
+        default=2 * 1024**3, ge=0, description="refuse new instances (0xA700) under this free space"
+    )
+    network_timeout_seconds: float = Field(default=60, gt=0)
+
+    _ae = field_validator("ae_title")(lambda cls, v: _check_ae(v))
+    _allow = field_validator("allow_ae")(lambda cls, v: [_check_ae(x) for x in v])
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for h in v:
+            ipaddress.ip_network(h, strict=False)  # raises ValueError with a clear message
+        return v
+
+
+class CompletionSettings(_Strict):
+    series_timeout_seconds: float = Field(default=10.0, gt=0, le=86400)
+    release_quiet_seconds: float | None = Field(
+        default=2.0, ge=0, description="after an association release, complete this soon (null: off)"
+    )
+    hint_quiet_seconds: float = Field(
+        default=1.0, ge=0, description="when a count hint says the series is whole, complete this soon"
+    )
+    late_instances: LatePolicy = LatePolicy.REPROCESS
+    unrouted: UnroutedPolicy = UnroutedPolicy.KEEP
+    poll_seconds: float = Field(default=0.25, gt=0, le=60)
+
+
+class JobSettings(_Strict):
+    workers: int = Field(default=1, ge=1, le=64)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    backoff_seconds: float = Field(default=5.0, ge=0)
+    backoff_max_seconds: float = Field(default=600.0, ge=0)
+    lease_seconds: float = Field(default=120.0, ge=5)
+    executor: Literal["local"] = "local"
+
+
+class SendSettings(_Strict):
+    max_attempts: int = Field(default=10, ge=1, le=1000)
+    backoff_seconds: float = Field(default=2.0, ge=0)
+    backoff_max_seconds: float = Field(default=900.0, ge=0)
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    max_pdu_bytes: int = Field(default=262_144, ge=4096)
+
+
+class MetricsSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=9110, ge=0, le=65535, description="0: pick a free port")
+    enabled: bool = True
+
+
+class IdentitySettings(_Strict):
+    manufacturer: str = "aigw open-source DICOM AI gateway"
+    model_name: str = "aigw"
+    device_serial_number: str = Field(
+        default_factory=lambda: f"aigw-{socket.gethostname()}"[:64],
+        description="DeviceSerialNumber written to derived objects; set it per node",
+    )
+    institution_name: str | None = None
+
+
+class ModelSettings(_Strict):
+    dir: Path | None = Field(default=None, description="default: the installed exported_models/")
+    providers: list[str] | Literal["auto"] = "auto"
+
+
+class PipelineSettings(BaseModel):
+    """Per-pipeline table: ``enabled`` plus any options the pipeline reads."""
+
+    model_config = ConfigDict(extra="allow")
+    enabled: bool = True
+
+
+class LoggingSettings(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Config(_Strict):
+    """The whole effective configuration."""
+
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    completion: CompletionSettings = Field(default_factory=CompletionSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
+    send: SendSettings = Field(default_factory=SendSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    identity: IdentitySettings = Field(default_factory=IdentitySettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    destinations: list[Destination] = Field(default_factory=list)
+    routes: list[Route] = Field(default_factory=list)
+    pipelines: dict[str, PipelineSettings] = Field(default_factory=dict)
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="extra plugins as 'module:factory', besides installed entry points",
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        for kind, names in (
+            ("routes", [r.name for r in self.routes]),
+            ("destinations", [d.name for d in self.destinations]),
+        ):
+            dup = {n for n in names if names.count(n) > 1}
+            if dup:
+                raise ValueError(f"{kind}: duplicate name(s) {sorted(dup)}")
+        return self
+
+    @property
+    def database_url(self) -> str:
+        return self.gateway.database_url or f"sqlite:///{self.gateway.data_dir / 'index.sqlite'}"
+
+    def pipeline_options(self, name: str) -> dict[str, Any]:
+        s = self.pipelines.get(name)
+        return dict(s.model_extra or {}) if s is not None else {}
+
+    def pipeline_enabled(self, name: str) -> bool:
+        s = self.pipelines.get(name)
+        return s.enabled if s is not None else True
+
+
+def parse_destination(spec: str, name: str | None = None) -> Destination:
+    """Parse ``AE@HOST:PORT`` (the ``--destination`` flag form)."""
+    m = re.match(r"^([^@]+)@(.+):(\d+)$", spec.strip())
+    if not m:
+        raise ConfigError(f"--destination {spec!r}: expected AE@HOST:PORT")
+    ae, host, port = m.groups()
+    try:
+        return Destination(name=name or ae.strip().replace(" ", "_"), ae_title=ae, host=host, port=int(port))
+    except ValidationError as exc:
+        raise ConfigError(f"--destination {spec!r}: {_first_error(exc)}") from None
+
+
+#: Environment variables and the setting each one overrides.
+ENV_VARS: Mapping[str, str] = {
+    "AIGW_AE_TITLE": "gateway.ae_title",
+    "AIGW_HOST": "gateway.host",
+    "AIGW_PORT": "gateway.port",
+    "AIGW_DATA_DIR": "gateway.data_dir",
+    "AIGW_DATABASE_URL": "gateway.database_url",
+    "AIGW_ALLOW_AE": "gateway.allow_ae",  # comma separated
+    "AIGW_MIN_FREE_BYTES": "gateway.min_free_bytes",
+    "AIGW_SERIES_TIMEOUT": "completion.series_timeout_seconds",
+    "AIGW_METRICS_HOST": "metrics.host",
+    "AIGW_METRICS_PORT": "metrics.port",
+    "AIGW_WORKERS": "jobs.workers",
+    "AIGW_DESTINATIONS": "destinations",  # comma separated AE@HOST:PORT
+    "AIGW_LOG_LEVEL": "logging.level",
+    "AIGW_LOG_FORMAT": "logging.format",
+    "AIGW_MODELS_DIR": "models.dir",
+    "AIGW_DEVICE_SERIAL_NUMBER": "identity.device_serial_number",
+}
+
+_LIST_KEYS = {"gateway.allow_ae"}
+
+
+def _first_error(exc: ValidationError) -> str:
+    e = exc.errors()[0]
+    return f"{_loc(e['loc'])}: {e['msg']}"
+
+
+def _loc(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the effective configuration from file, environment and flags.
+
+    Parameters
+    ----------
+    path : path, optional
+        TOML file. Without one the embedded defaults apply.
+    overrides : mapping, optional
+        Dotted keys (``gateway.port``) from command-line flags; highest precedence.
+    environ : mapping, optional
+        Environment to read ``AIGW_*`` from (default ``os.environ``).
+
+    Raises
+    ------
+    ConfigError
+        With a message naming the source, the key path and the reason.
+    """
+    source = str(path) if path else "<defaults>"
+    tree: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                tree = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+
+    env = os.environ if environ is None else environ
+    env_used: list[str] = []
+    for var, key in ENV_VARS.items():
+        raw = env.get(var)
+        if raw is None or raw == "":
+            continue
+        env_used.append(var)
+        value: Any = raw
+        if key == "destinations":
+            try:
+                value = [parse_destination(s).model_dump() for s in raw.split(",") if s.strip()]
+            except ConfigError as exc:
+                raise ConfigError(f"environment {var}: {exc}") from None
+        elif key in _LIST_KEYS:
+            value = [s for s in raw.split(",") if s.strip()]
+        _set(tree, key, value)
+
+    for key, value in (overrides or {}).items():
+        if value is None or value == []:
+            continue
+        if key == "destinations":
+            value = [d.model_dump() if isinstance(d, Destination) else d for d in value]
+        _set(tree, key, value)
+
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as exc:
+        lines = []
+        for e in exc.errors():
+            loc = _loc(e["loc"])
+            origin = source
+            for var, key in ENV_VARS.items():
+                if var in env_used and loc.startswith(key):
+                    origin = f"environment {var}"
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{origin}: {loc or '(top level)'}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+    return cfg

@@ -1,0 +1,257 @@
+"""Jobs: run a pipeline on a complete series, at least once, with idempotent effects.
+
+State machine (``jobs.state`` in the index)::
+
+    queued --claim--> running --outputs stored--> succeeded --all sent--> sent
+       ^                 |
+       +--retry/backoff--+--permanent error or attempts exhausted--> failed
+
+A claim takes a lease that the worker renews while the job runs; a job whose
+lease ran out (its process died) is queued again. Output UIDs derive from the
+series, its version, the pipeline and the model versions
+(:func:`gateway.uids.derived_uid`), so a job that runs twice produces the same
+instances and PACS never receives duplicates.
+
+:class:`JobRunner` runs one job anywhere; :class:`LocalExecutor` is the
+embedded pool that feeds it. A distributed executor replaces the pool and
+calls the same runner on other nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset
+
+from gateway.config import Config
+from gateway.contract import Identity, InputError, Pipeline, RunContext
+from gateway.index import Index
+from gateway.metrics import Metrics
+from gateway.models import ModelRegistry, TimedSession
+from gateway.storage import DataDir, write_durably
+from gateway.uids import checked_uid, derived_uid, short_ref
+
+__all__ = ["JobRunner", "LocalExecutor", "backoff", "node_id"]
+
+log = logging.getLogger(__name__)
+
+
+def node_id() -> str:
+    """Owner id of this process for job leases: host and pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with jitter: base * 2^(attempt-1), capped, +-20%."""
+    delay = min(cap, base * (2 ** max(0, attempt - 1)))
+    return float(delay * random.uniform(0.8, 1.2))
+
+
+class _JobLog(logging.LoggerAdapter[logging.Logger]):
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[job {self.extra['job']} {self.extra['pipeline']}] {msg}", kwargs  # type: ignore[index]
+
+
+def _finalise(ds: Dataset) -> None:
+    """Make a pipeline's dataset writable as a DICOM file (PS3.10 file meta)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        meta = meta or FileMetaDataset()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.setdefault("ImplementationClassUID", PYDICOM_IMPLEMENTATION_UID)
+    ds.file_meta = meta
+
+
+class JobRunner:
+    """Runs one claimed job: pipeline, outputs on disk, sends queued."""
+
+    def __init__(
+        self,
+        config: Config,
+        index: Index,
+        data: DataDir,
+        models: ModelRegistry,
+        pipelines: dict[str, Pipeline],
+        metrics: Metrics,
+        version: str,
+    ) -> None:
+        self.config = config
+        self.index = index
+        self.data = data
+        self.models = models
+        self.pipelines = pipelines
+        self.metrics = metrics
+        self.identity = Identity(
+            manufacturer=config.identity.manufacturer,
+            model_name=config.identity.model_name,
+            software_version=version,
+            device_serial_number=config.identity.device_serial_number,
+            institution_name=config.identity.institution_name,
+        )
+
+    def run(self, job: Any, owner: str) -> None:
+        """Execute ``job`` (a claimed row) and record its outcome; never raises."""
+        jlog = _JobLog(log, {"job": job.id, "pipeline": job.pipeline})
+        t0 = time.time()
+        inference = 0.0
+        try:
+            pipeline = self.pipelines.get(job.pipeline)
+            if pipeline is None:
+                raise RuntimeError(f"pipeline {job.pipeline!r} is not available on this node")
+            series = self.index.assemble(job.series_uid)
+            if series is None or not series.instances:
+                raise InputError("series has no stored instances")
+            specs = list(pipeline.models())
+            sessions = {s.name: TimedSession(self.models.session(s.name)) for s in specs}
+            model_versions = {s.name: self.models.get(s.name).version for s in specs}
+            uid_parts = (
+                job.series_uid,
+                job.series_version,
+                job.pipeline,
+                tuple(sorted(model_versions.items())),
+            )
+            workdir = self.data.job_dir(job.id)
+            ctx = RunContext(
+                sessions=sessions,
+                uid=lambda key: derived_uid(*uid_parts, key),
+                identity=self.identity,
+                workdir=workdir,
+                options=self.config.pipeline_options(job.pipeline),
+                log=jlog,
+                progress=lambda f, m: jlog.debug("progress %.0f%% %s", 100 * f, m),
+                model_versions=model_versions,
+            )
+            jlog.info("running on series %s v%d (%d instances)", short_ref(job.series_uid), job.series_version, series.instance_count)
+            outputs = list(pipeline.run(series, ctx))
+            inference = sum(s.seconds for s in sessions.values())
+            stored = self._store_outputs(job.id, outputs)
+            dests = [d.name for d in self.config.destinations]
+            if not self.index.job_succeeded(job.id, owner, stored, dests, now=time.time()):
+                jlog.warning("lost the lease before finishing; another worker owns the job")
+                return
+            self.metrics.jobs.labels(pipeline=job.pipeline, outcome="succeeded").inc()
+            self.metrics.job_latency.labels(pipeline=job.pipeline).observe(max(0.0, time.time() - t0))
+            jlog.info("succeeded: %d output instances in %.2f s (inference %.2f s)", len(stored), time.time() - t0, inference)
+        except InputError as exc:
+            self._fail(job, owner, f"input rejected: {exc}", permanent=True, jlog=jlog)
+        except Exception as exc:
+            jlog.exception("failed")
+            self._fail(job, owner, f"{type(exc).__name__}: {exc}", permanent=False, jlog=jlog)
+        finally:
+            self.metrics.job_duration.labels(pipeline=job.pipeline).observe(time.time() - t0)
+            if inference:
+                self.metrics.inference_duration.labels(pipeline=job.pipeline).observe(inference)
+
+    def _fail(self, job: Any, owner: str, error: str, *, permanent: bool, jlog: logging.LoggerAdapter[logging.Logger]) -> None:
+        jc = self.config.jobs
+        retry_at = None
+        if not permanent and job.attempts < jc.max_attempts:
+            retry_at = time.time() + backoff(job.attempts, jc.backoff_seconds, jc.backoff_max_seconds)
+        self.index.job_failed(job.id, owner, error, now=time.time(), retry_at=retry_at)
+        outcome = "retried" if retry_at is not None else "failed"
+        self.metrics.jobs.labels(pipeline=job.pipeline, outcome=outcome).inc()
+        if retry_at is None:
+            jlog.error("failed for good after %d attempt(s): %s", job.attempts, error)
+        else:
+            jlog.warning("attempt %d failed, retry in %.0f s: %s", job.attempts, retry_at - time.time(), error)
+
+    def _store_outputs(self, job_id: int, outputs: Sequence[Dataset]) -> list[tuple[str, str, Path]]:
+        """Write outputs durably; without destinations they go to the outbox."""
+        folder = self.data.job_dir(job_id) / "out" if self.config.destinations else self.data.outbox_dir(job_id)
+        stored = []
+        for ds in outputs:
+            if not isinstance(ds, Dataset):
+                raise TypeError(f"pipeline returned {type(ds).__name__}, expected pydicom Dataset")
+            sop = checked_uid(ds.get("SOPInstanceUID"), "output SOPInstanceUID")
+            sop_class = checked_uid(ds.get("SOPClassUID"), "output SOPClassUID")
+            _finalise(ds)
+            path = folder / f"{sop}.dcm"
+            with write_durably(path) as fh:
+                ds.save_as(fh, enforce_file_format=True)
+            stored.append((sop, sop_class, path))
+        return stored
+
+
+class LocalExecutor:
+    """The embedded worker pool: claims queued jobs and runs them in threads."""
+
+    def __init__(self, runner: JobRunner, index: Index, config: Config, metrics: Metrics) -> None:
+        self.runner = runner
+        self.index = index
+        self.config = config
+        self.metrics = metrics
+        self.owner = node_id()
+        self._pool = ThreadPoolExecutor(max_workers=config.jobs.workers, thread_name_prefix="aigw-job")
+        self._slots = threading.Semaphore(config.jobs.workers)
+        self._running: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="aigw-dispatch", daemon=True)
+
+    def start(self) -> None:
+        # Embedded mode: every job still 'running' under this host was owned by
+        # a previous process of ours that died; take it up again now.
+        host = self.owner.split(":")[0] + ":"
+        n = self.index.requeue_running(now=time.time(), owner_prefix=host, expired_only=False)
+        if n:
+            log.warning("requeued %d job(s) interrupted by a previous shutdown or crash", n)
+        self._thread.start()
+
+    def stop(self, wait: bool = True) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+        self._pool.shutdown(wait=wait, cancel_futures=True)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        last_renew = 0.0
+        lease = self.config.jobs.lease_seconds
+        while not self._stop.is_set():
+            try:
+                now = time.time()
+                if now - last_renew > lease / 3:
+                    last_renew = now
+                    with self._lock:
+                        running = list(self._running)
+                    for jid in running:
+                        self.index.renew_lease(jid, self.owner, now + lease)
+                    self.index.requeue_running(now=now)  # leases of dead nodes
+                while self._slots.acquire(blocking=False):
+                    job = self.index.claim_job(self.owner, now=time.time(), lease_seconds=lease)
+                    if job is None:
+                        self._slots.release()
+                        break
+                    with self._lock:
+                        self._running.add(job.id)
+                    self._pool.submit(self._run, job)
+            except Exception:
+                log.exception("job dispatch failed; retrying")
+            self._wake.wait(0.25)
+            self._wake.clear()
+
+    def _run(self, job: Any) -> None:
+        try:
+            self.runner.run(job, self.owner)
+        finally:
+            with self._lock:
+                self._running.discard(job.id)
+            self._slots.release()
+            self._wake.set()

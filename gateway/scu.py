@@ -1,0 +1,187 @@
+"""Sending results: C-STORE SCU to the configured destinations.
+
+Every output instance has one ``sends`` row per destination. Outcomes
+(PS3.4 B.2.3, PS3.8 9.3.4):
+
+* success or warning status: sent;
+* transient (connection refused, timeout, abort, A-ASSOCIATE-RJ transient,
+  0xA7xx out of resources): retried with exponential backoff;
+* permanent (A-ASSOCIATE-RJ permanent, 0xA9xx, 0xCxxx, no matching
+  presentation context): dead-letter list, with the reason;
+* after ``send.max_attempts`` a transient failure also goes to the
+  dead-letter list, so nothing loops forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from gateway.config import Config, Destination
+from gateway.index import Index, SendState
+from gateway.jobs import backoff
+from gateway.metrics import Metrics
+from gateway.status import is_transient_store_status
+
+__all__ = ["Sender", "classify_status"]
+
+log = logging.getLogger(__name__)
+
+_SUCCESS_OR_WARNING = {0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007}
+
+
+def classify_status(status: int) -> SendState | None:
+    """SENT for success/warning, DEAD for permanent failures, None if worth retrying."""
+    if status in _SUCCESS_OR_WARNING:
+        return SendState.SENT
+    if is_transient_store_status(status):
+        return None
+    if 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF or status in (0x0122, 0x0124, 0x0110, 0x0211):
+        return SendState.DEAD
+    return None
+
+
+class Sender:
+    """Background loop that delivers pending sends, one association per destination batch."""
+
+    def __init__(self, config: Config, index: Index, metrics: Metrics) -> None:
+        self.config = config
+        self.index = index
+        self.metrics = metrics
+        self.destinations = {d.name: d for d in config.destinations}
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="aigw-sender", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("send pass failed; retrying")
+            self._wake.wait(0.5)
+            self._wake.clear()
+
+    def run_once(self) -> int:
+        due = self.index.due_sends(time.time())
+        by_dest: dict[str, list[Any]] = defaultdict(list)
+        for row in due:
+            by_dest[row.destination].append(row)
+        n = 0
+        for name, rows in by_dest.items():
+            dest = self.destinations.get(name)
+            if dest is None:
+                for row in rows:
+                    self._dead(row, None, f"destination {name!r} is no longer configured")
+                continue
+            n += self._send_batch(dest, rows)
+        return n
+
+    def _retry_or_dead(self, row: Any, status: int | None, reason: str) -> None:
+        sc = self.config.send
+        attempts = row.attempts + 1
+        if attempts >= sc.max_attempts:
+            self._dead(row, status, f"{reason} (gave up after {attempts} attempts)")
+            return
+        retry_at = time.time() + backoff(attempts, sc.backoff_seconds, sc.backoff_max_seconds)
+        self.index.send_result(row.id, SendState.PENDING, now=time.time(), status=status, error=reason, retry_at=retry_at)
+        self.metrics.sends.labels(destination=row.destination, outcome="retry").inc()
+
+    def _dead(self, row: Any, status: int | None, reason: str) -> None:
+        self.index.send_result(row.id, SendState.DEAD, now=time.time(), status=status, error=reason)
+        self.metrics.sends.labels(destination=row.destination, outcome="dead").inc()
+        log.error("send %d to %s moved to the dead-letter list: %s", row.id, row.destination, reason)
+
+    def _send_batch(self, dest: Destination, rows: list[Any]) -> int:
+        sc = self.config.send
+        ae = AE(ae_title=self.config.gateway.ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = sc.timeout_seconds
+        ae.maximum_pdu_size = sc.max_pdu_bytes
+        loaded = []
+        contexts: set[tuple[str, str]] = set()
+        for row in rows:
+            try:
+                ds = dcmread(row.path)
+            except Exception as exc:
+                self._dead(row, None, f"output file unreadable: {type(exc).__name__}")
+                continue
+            loaded.append((row, ds))
+            contexts.add((row.sop_class_uid, str(ds.file_meta.TransferSyntaxUID)))
+        if not loaded:
+            return 0
+        for sop_class in sorted({c for c, _ in contexts}):
+            tss = sorted({ts for c, ts in contexts if c == sop_class} | {ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+            ae.add_requested_context(sop_class, tss)
+            if len(ae.requested_contexts) >= 120:
+                break
+        try:
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        except Exception as exc:  # DNS failure, socket errors
+            for row, _ in loaded:
+                self._retry_or_dead(row, None, f"cannot connect: {type(exc).__name__}")
+            return 0
+        if not assoc.is_established:
+            if assoc.is_rejected and getattr(assoc.acceptor, "primitive", None) is not None:
+                result = assoc.acceptor.primitive.result
+                why = f"association rejected (result {result}, reason {assoc.acceptor.primitive.diagnostic})"
+                for row, _ in loaded:
+                    if result == 0x01:  # rejected-permanent
+                        self._dead(row, None, why)
+                    else:
+                        self._retry_or_dead(row, None, why)
+            else:
+                what = "aborted" if assoc.is_aborted else "connection failed"
+                for row, _ in loaded:
+                    self._retry_or_dead(row, None, f"association {what}")
+            return 0
+        sent = 0
+        try:
+            for row, ds in loaded:
+                if not assoc.is_established:
+                    self._retry_or_dead(row, None, "association lost")
+                    continue
+                try:
+                    rsp = assoc.send_c_store(ds)
+                except ValueError as exc:  # no accepted presentation context for it
+                    self._dead(row, None, f"not accepted by destination: {exc}")
+                    continue
+                except Exception as exc:
+                    self._retry_or_dead(row, None, f"send failed: {type(exc).__name__}")
+                    continue
+                status = int(getattr(rsp, "Status", -1)) if rsp else -1
+                if status < 0:
+                    self._retry_or_dead(row, None, "no response (timeout or abort)")
+                    continue
+                verdict = classify_status(status)
+                if verdict == SendState.SENT:
+                    self.index.send_result(row.id, SendState.SENT, now=time.time(), status=status, error=None)
+                    self.metrics.sends.labels(destination=row.destination, outcome="sent").inc()
+                    sent += 1
+                elif verdict == SendState.DEAD:
+                    self._dead(row, status, f"destination answered 0x{status:04X}")
+                else:
+                    self._retry_or_dead(row, status, f"destination answered 0x{status:04X}")
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        if sent:
+            log.info("sent %d instance(s) to %s", sent, dest.name)
+        return sent

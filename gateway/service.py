@@ -1,0 +1,164 @@
+"""The gateway service: wires the stages together and runs them.
+
+One process, in the embedded default: pynetdicom's listener threads, the
+completion loop, the local job pool, the sender and the metrics endpoint.
+All state lives in the index, so a restart takes every stage up where it
+stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+from gateway import __version__
+from gateway.completion import Completer
+from gateway.config import Config, LatePolicy
+from gateway.index import Index, JobState, SendState
+from gateway.jobs import JobRunner, LocalExecutor
+from gateway.metrics import Metrics, MetricsServer
+from gateway.models import ModelRegistry
+from gateway.plugins import PluginSet, discover
+from gateway.routing import Router
+from gateway.scp import StorageSCP
+from gateway.scu import Sender
+from gateway.storage import DataDir
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """The whole service; ``start()`` returns once every stage is up."""
+
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.data = DataDir(config.gateway.data_dir)
+        self.index = Index(config.database_url)
+        self.models = ModelRegistry(config.models.dir, config.models.providers)
+        self.plugins: PluginSet = discover(config, self.models)
+        self.router = Router(
+            config.routes,
+            self.plugins.available,
+            self.plugins.unavailable,
+            default_quiet_seconds=config.completion.series_timeout_seconds,
+        )
+        problems = self.router.check()
+        if problems:
+            from gateway.config import ConfigError
+
+            raise ConfigError("\n".join(problems))
+        self.scp = StorageSCP(
+            config.gateway,
+            self.data,
+            self.index,
+            self.metrics,
+            quiet_seconds=self.router.quiet_seconds,
+            release_quiet_seconds=config.completion.release_quiet_seconds,
+            hint_quiet_seconds=config.completion.hint_quiet_seconds,
+            reprocess_late=config.completion.late_instances == LatePolicy.REPROCESS,
+        )
+        dest_names = [d.name for d in config.destinations]
+        self.completer = Completer(self.index, self.router, config.completion, self.metrics, dest_names)
+        self.runner = JobRunner(
+            config, self.index, self.data, self.models, self.plugins.available, self.metrics, __version__
+        )
+        self.executor = LocalExecutor(self.runner, self.index, config, self.metrics)
+        self.sender = Sender(config, self.index, self.metrics)
+        self.http: MetricsServer | None = None
+        self._stopped = threading.Event()
+        self.metrics.prime(__version__, list(self.plugins.available) + list(self.plugins.unavailable), dest_names)
+        for name in self.plugins.available:
+            self.metrics.pipeline_up.labels(pipeline=name).set(1)
+        for name in self.plugins.unavailable:
+            self.metrics.pipeline_up.labels(pipeline=name).set(0)
+
+    # ------------------------------------------------------------------ health
+    def readiness(self) -> dict[str, bool]:
+        return {
+            "database": self.index.ping(),
+            "data_dir_writable": self.data.is_writable(),
+            "listener": self.scp.is_up,
+        }
+
+    def refresh_gauges(self) -> None:
+        counts = self.index.counts()
+        self.metrics.queue_depth.set(counts["jobs"].get(JobState.QUEUED.value, 0))
+        self.metrics.jobs_running.set(counts["jobs"].get(JobState.RUNNING.value, 0))
+        self.metrics.send_backlog.set(counts["sends"].get(SendState.PENDING.value, 0))
+        self.metrics.deadletter.set(counts["sends"].get(SendState.DEAD.value, 0))
+        self.metrics.free_bytes.set(self.data.free_bytes())
+
+    # --------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        left = self.data.clean_incoming()
+        if left:
+            log.info("removed %d partial upload(s) that were never acknowledged", left)
+        if self.config.metrics.enabled:
+            self.http = MetricsServer(
+                self.metrics,
+                self.config.metrics.host,
+                self.config.metrics.port,
+                self.readiness,
+                refresh=self.refresh_gauges,
+            )
+            self.http.start()
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.http.port)
+        self.refresh_gauges()
+        self.executor.start()
+        self.sender.start()
+        self.completer.start()
+        self.scp.start()
+        log.info(
+            "aigw %s ready: pipelines %s; %s",
+            __version__,
+            ", ".join(sorted(self.plugins.available)) or "none",
+            f"destinations {', '.join(d.name for d in self.config.destinations)}"
+            if self.config.destinations
+            else f"no destination: results go to {self.data.root / 'outbox'}",
+        )
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("stopping")
+        self.scp.stop()
+        self.completer.stop()
+        self.executor.stop(wait=True)
+        self.sender.stop()
+        if self.http is not None:
+            self.http.stop()
+        self.index.close()
+
+    def serve_forever(self) -> None:
+        """Run until SIGINT or SIGTERM, then stop cleanly."""
+        stop = threading.Event()
+
+        def _handler(signum: int, frame: FrameType | None) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGINT, _handler)
+        signal.signal(signal.SIGTERM, _handler)
+        self.start()
+        try:
+            while not stop.wait(15):
+                try:
+                    self.refresh_gauges()
+                except Exception:
+                    log.exception("gauge refresh failed")
+        finally:
+            self.stop()
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.http.port if self.http else None
+
+    @property
+    def dicom_port(self) -> int | None:
+        return self.scp.port
+

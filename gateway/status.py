@@ -1,0 +1,62 @@
+"""Named DIMSE status codes and association rejection reasons.
+
+Storage statuses follow PS3.4 Annex B.2.3, Verification PS3.4 A.4.2 and
+association rejections PS3.8 9.3.4 (A-ASSOCIATE-RJ result, source, reason).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import NamedTuple
+
+__all__ = ["Rejection", "RejectReason", "StorageStatus", "is_transient_store_status"]
+
+
+class StorageStatus(IntEnum):
+    """C-STORE response statuses (PS3.4 B.2.3, PS3.7 C)."""
+
+    SUCCESS = 0x0000
+    #: Refused: out of resources (no space left, instance too large for this node).
+    OUT_OF_RESOURCES = 0xA700
+    #: Error: data set does not match SOP class.
+    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    #: Error: cannot understand (unparseable data set).
+    CANNOT_UNDERSTAND = 0xC000
+    #: Processing failure (PS3.7 C.4.2): invalid header / UID.
+    PROCESSING_FAILURE = 0x0110
+    #: Failure: cannot understand, used for undecodable data sets (0xC210-class).
+    CANNOT_DECODE = 0xC210
+    #: Failure: unexpected error in our own handler (pynetdicom's convention).
+    UNEXPECTED_ERROR = 0xC211
+    #: Warning: data set elements were coerced (never used: we never coerce).
+    COERCION_OF_DATA_ELEMENTS = 0xB000
+
+
+def is_transient_store_status(status: int) -> bool:
+    """True for statuses worth retrying later: 0xA7xx out of resources."""
+    return 0xA700 <= status <= 0xA7FF
+
+
+class Rejection(NamedTuple):
+    """An A-ASSOCIATE-RJ (result, source, diagnostic) triple with a metric label."""
+
+    result: int
+    source: int
+    diagnostic: int
+    label: str
+
+
+class RejectReason:
+    """Rejections the association policy can give (PS3.8 Table 9-21)."""
+
+    CALLING_AE_NOT_RECOGNISED = Rejection(0x01, 0x01, 0x03, "calling_ae_not_recognised")
+    CALLED_AE_NOT_RECOGNISED = Rejection(0x01, 0x01, 0x07, "called_ae_not_recognised")
+    ADDRESS_NOT_ALLOWED = Rejection(0x01, 0x01, 0x01, "address_not_allowed")
+    TOO_MANY_ASSOCIATIONS = Rejection(0x02, 0x03, 0x02, "local_limit_exceeded")
+
+    ALL = (
+        CALLING_AE_NOT_RECOGNISED,
+        CALLED_AE_NOT_RECOGNISED,
+        ADDRESS_NOT_ALLOWED,
+        TOO_MANY_ASSOCIATIONS,
+    )
