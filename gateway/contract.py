@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Geometry",
     "Identity",
+    "DemoCapable",
     "Instance",
     "InputError",
     "ModelSpec",
@@ -328,3 +329,17 @@ class Pipeline(Protocol):
     def run(self, series: Series, ctx: RunContext) -> Sequence[Dataset]:
         """Process a complete series and return the DICOM datasets to send."""
         ...
+
+
+@runtime_checkable
+class DemoCapable(Protocol):
+    """Optional hooks a pipeline implements to take part in ``aigw demo``.
+
+    ``demo_study`` writes a synthetic study (DICOM files) that the pipeline's
+    default selector accepts and returns their paths; ``demo_preview`` renders
+    pictures of input and output for the report, as (title, PIL image) pairs.
+    """
+
+    def demo_study(self, folder: Path, seed: int) -> Sequence[Path]: ...
+
+    def demo_preview(self, inputs: Sequence[Path], outputs: Sequence[Path]) -> Sequence[tuple[str, Any]]: ...

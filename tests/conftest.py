@@ -1,0 +1,323 @@
+"""Real peers for the tests: the gateway as a subprocess, DCMTK as the scanner,
+Orthanc as the PACS. Everything on loopback, on free ports, in temp folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PLUGIN = "tests.plugins.invert:factory"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} is not installed: run the README's test command (it installs dcmtk, orthanc, ...)")
+    return path
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    value = predicate()
+    if not value:
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    return value
+
+
+def http_get(url: str, timeout: float = 5) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except OSError:
+        return 0, b""
+
+
+def storescu(
+    port: int, files: Sequence[Path | str], *, aet: str = "SCANNER", aec: str = "AIGW", extra: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Send files with DCMTK's storescu (one association); returns the completed process."""
+    cmd = [need("storescu"), "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port), *map(str, files)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+class Orthanc:
+    """A real Orthanc server as the PACS, with a few REST helpers."""
+
+    def __init__(
+        self, root: Path, ae_title: str = "ORTHANC", always_allow_store: bool = True, check_called_aet: bool = False
+    ) -> None:
+        self.root = root
+        self.ae_title = ae_title
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        root.mkdir(parents=True, exist_ok=True)
+        cfg = {
+            "Name": "aigw-test-pacs",
+            "StorageDirectory": str(root / "db"),
+            "IndexDirectory": str(root / "db"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": ae_title,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": check_called_aet,
+            "DicomAlwaysAllowStore": always_allow_store,
+            "DicomAlwaysAllowEcho": True,
+            "DicomModalities": {},
+            "HttpServerEnabled": True,
+            "Plugins": [],
+            "StorageCompression": False,
+            "OverwriteInstances": False,
+        }
+        self.config = root / "orthanc.json"
+        self.config.write_text(json.dumps(cfg, indent=1))
+
+    def start(self) -> Orthanc:
+        log = open(self.root / "orthanc.log", "ab")
+        self.proc = subprocess.Popen([need("Orthanc"), str(self.config)], stdout=log, stderr=log)
+        wait_for(lambda: http_get(f"{self.url}/system")[0] == 200, 30, "Orthanc to start")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def get(self, path: str) -> Any:
+        code, body = http_get(self.url + path)
+        assert code == 200, f"Orthanc GET {path}: HTTP {code}"
+        return json.loads(body)
+
+    def instance_uids(self) -> list[str]:
+        """SOPInstanceUID of every instance Orthanc holds (duplicates would show twice)."""
+        out = []
+        for iid in self.get("/instances"):
+            tags = self.get(f"/instances/{iid}/simplified-tags")
+            out.append(tags["SOPInstanceUID"])
+        return out
+
+    def statistics(self) -> dict[str, Any]:
+        return dict(self.get("/statistics"))
+
+
+class GatewayProcess:
+    """``aigw serve`` as a subprocess with a generated TOML config."""
+
+    def __init__(
+        self,
+        root: Path,
+        models_dir: Path,
+        extra_toml: str = "",
+        destinations: Sequence[str] = (),
+        series_timeout: float = 2,
+        release_quiet: float = 0.5,
+    ) -> None:
+        self.root = root
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.data_dir = root / "data"
+        self.proc: subprocess.Popen[bytes] | None = None
+        root.mkdir(parents=True, exist_ok=True)
+        dest = "".join(
+            f'\n[[destinations]]\nname = "{d.split("@")[0].lower()}"\nae_title = "{d.split("@")[0]}"\n'
+            f'host = "127.0.0.1"\nport = {d.split(":")[-1]}\n'
+            for d in destinations
+        )
+        self.config = root / "aigw.toml"
+        self.config.write_text(
+            f"""plugins = ["{PLUGIN}"]
+
+[gateway]
+ae_title = "AIGW"
+host = "127.0.0.1"
+port = {self.port}
+data_dir = "{self.data_dir}"
+min_free_bytes = 0
+
+[metrics]
+port = {self.metrics_port}
+
+[models]
+dir = "{models_dir}"
+
+[completion]
+series_timeout_seconds = {series_timeout}
+release_quiet_seconds = {release_quiet}
+
+[jobs]
+backoff_seconds = 0.5
+backoff_max_seconds = 2
+
+[send]
+backoff_seconds = 0.5
+backoff_max_seconds = 2
+timeout_seconds = 10
+{dest}
+{extra_toml}
+"""
+        )
+        self.log_path = root / "gateway.log"
+
+    def start(self, timeout: float = 60) -> GatewayProcess:
+        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(self.config)],
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=self.root,
+        )
+        wait_for(self._ready, timeout, "the gateway to be ready")
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+        return http_get(f"http://127.0.0.1:{self.metrics_port}/readyz")[0] == 200
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", *args, "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+
+    def metrics(self) -> dict[str, float]:
+        code, body = http_get(f"http://127.0.0.1:{self.metrics_port}/metrics")
+        assert code == 200
+        out = {}
+        for line in body.decode().splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    def index(self) -> Any:
+        from gateway.index import Index
+
+        return Index(f"sqlite:///{self.data_dir / 'index.sqlite'}")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.plugins.invert import build_model
+
+    folder = tmp_path_factory.mktemp("models")
+    build_model(folder)
+    return folder
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    server = Orthanc(tmp_path / "orthanc").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path, models_dir: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    started: list[GatewayProcess] = []
+
+    def make(extra_toml: str = "", destinations: Sequence[str] = (), start: bool = True, **kw: Any) -> GatewayProcess:
+        gw = GatewayProcess(tmp_path / f"gw{len(started)}", models_dir, extra_toml, destinations, **kw)
+        started.append(gw)
+        return gw.start() if start else gw
+
+    try:
+        yield make
+    finally:
+        for gw in started:
+            gw.stop()
+
+
+@pytest.fixture
+def gateway(make_gateway: Callable[..., GatewayProcess]) -> GatewayProcess:
+    return make_gateway()
+
+
+def mr_series(folder: Path, n: int = 4, description: str = "T1 SE", seed: int = 1) -> list[Path]:
+    """A small synthetic MR series (uncompressed) written from pydicom's MR_small."""
+    import numpy as np
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    base = dcmread(get_testdata_file("MR_small.dcm"))
+    series_uid = f"2.25.{seed}000{n}"
+    paths = []
+    rng = np.random.default_rng(seed)
+    for k in range(n):
+        ds = base.copy()
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = f"2.25.{seed}000{n}{k + 1:04d}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = k + 1
+        ds.SeriesDescription = description
+        ds.ImagePositionPatient = [0.0, 0.0, float(k * 5)]
+        ds.PixelData = rng.integers(0, 4000, size=(ds.Rows, ds.Columns), dtype=np.uint16).astype("<i2").tobytes()
+        path = folder / f"mr{k + 1:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

@@ -1,0 +1,169 @@
+"""End to end through real peers: storescu (scanner) -> gateway -> Orthanc (PACS).
+
+Covers the result path, crashes (kill -9 mid-series and mid-job) with
+exactly-once delivery, PACS down then up, and permanent rejection into the
+dead-letter list.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import GatewayProcess, Orthanc, mr_series, storescu, wait_for
+
+pytestmark = pytest.mark.peers
+
+
+def _jobs(gw: GatewayProcess) -> list[object]:
+    idx = gw.index()
+    try:
+        return list(idx.list_jobs())
+    finally:
+        idx.close()
+
+
+def test_series_goes_through_pipeline_to_orthanc(
+    tmp_path: Path, orthanc: Orthanc, make_gateway: Callable[..., GatewayProcess]
+) -> None:
+    gw = make_gateway(destinations=[f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"])
+    files = mr_series(tmp_path / "in", n=4)
+    r = storescu(gw.port, files)
+    assert r.returncode == 0, r.stderr
+    uids = wait_for(lambda: len(orthanc.instance_uids()) == 4 and orthanc.instance_uids(), 60, "results in Orthanc")
+    assert all(u.startswith("2.25.") for u in uids)
+    jobs = wait_for(lambda: [j for j in _jobs(gw) if j.state == "sent"], 20, "job state sent")  # type: ignore[attr-defined]
+    assert len(jobs) == 1 and jobs[0].outputs == 4  # type: ignore[attr-defined]
+    m = gw.metrics()
+    assert m['aigw_instances_received_total{outcome="stored"}'] == 4
+    assert m['aigw_jobs_total{outcome="succeeded",pipeline="test-invert"}'] == 1
+    assert m['aigw_send_attempts_total{destination="orthanc",outcome="sent"}'] == 4
+    # The derived series is marked derived and references nothing identifying in logs.
+    tags = orthanc.get(f"/instances/{orthanc.get('/instances')[0]}/simplified-tags")
+    assert tags["ImageType"].startswith("DERIVED")
+    log = gw.log()
+    for src in files:
+        from pydicom import dcmread
+
+        ds = dcmread(src, stop_before_pixels=True)
+        assert str(ds.PatientName) not in log and str(ds.PatientID) not in log
+
+
+def test_kill9_mid_job_then_restart_delivers_exactly_once(
+    tmp_path: Path, orthanc: Orthanc, make_gateway: Callable[..., GatewayProcess]
+) -> None:
+    gw = make_gateway(
+        extra_toml='[pipelines.test-invert]\nsleep_seconds = 4\n',
+        destinations=[f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"],
+    )
+    files = mr_series(tmp_path / "in", n=3, seed=7)
+    assert storescu(gw.port, files).returncode == 0
+    wait_for(lambda: any(j.state == "running" for j in _jobs(gw)), 30, "the job to start")  # type: ignore[attr-defined]
+    gw.kill9()
+    assert orthanc.instance_uids() == []
+    gw.start()
+    wait_for(lambda: len(orthanc.instance_uids()) >= 3, 60, "results after restart")
+    time.sleep(1.5)  # anything duplicated would show up now
+    uids = orthanc.instance_uids()
+    assert len(uids) == 3 and len(set(uids)) == 3
+    jobs = _jobs(gw)
+    assert len(jobs) == 1 and jobs[0].attempts == 2  # type: ignore[attr-defined]
+
+
+def test_kill9_mid_series_resumes_completion(
+    tmp_path: Path, orthanc: Orthanc, make_gateway: Callable[..., GatewayProcess]
+) -> None:
+    # A quiet period long enough to span the restart: the timer lives in the
+    # index, so it resumes rather than completing half a series.
+    gw = make_gateway(
+        destinations=[f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"], series_timeout=12, release_quiet=10
+    )
+    files = mr_series(tmp_path / "in", n=4, seed=9)
+    assert storescu(gw.port, files[:2]).returncode == 0
+    gw.kill9()  # acknowledged instances must survive
+    gw.start()
+    assert storescu(gw.port, files[2:]).returncode == 0
+    wait_for(lambda: len(orthanc.instance_uids()) >= 4, 60, "results for the whole series")
+    time.sleep(1.5)
+    uids = orthanc.instance_uids()
+    assert len(uids) == 4 and len(set(uids)) == 4
+
+
+def test_pacs_down_then_up(tmp_path: Path, make_gateway: Callable[..., GatewayProcess]) -> None:
+    pacs = Orthanc(tmp_path / "pacs")  # configured, not started: connection refused
+    gw = make_gateway(destinations=[f"ORTHANC@127.0.0.1:{pacs.dicom_port}"])
+    files = mr_series(tmp_path / "in", n=2, seed=11)
+    assert storescu(gw.port, files).returncode == 0
+    wait_for(
+        lambda: gw.metrics().get('aigw_send_attempts_total{destination="orthanc",outcome="retry"}', 0) >= 2,
+        60,
+        "send retries while PACS is down",
+    )
+    pacs.start()
+    try:
+        wait_for(lambda: len(pacs.instance_uids()) == 2, 60, "results after PACS came back")
+        out = gw.cli("deadletter", "list")
+        assert "dead-letter list is empty" in out.stdout
+    finally:
+        pacs.stop()
+
+
+def test_permanent_rejection_goes_to_deadletter_and_can_be_retried(
+    tmp_path: Path, make_gateway: Callable[..., GatewayProcess]
+) -> None:
+    # A destination configured with the wrong AE title: Orthanc checks the
+    # called AE and rejects the association permanently (PS3.8 9.3.4).
+    strict = Orthanc(tmp_path / "strict", check_called_aet=True).start()
+    try:
+        gw = make_gateway(destinations=[f"WRONGAE@127.0.0.1:{strict.dicom_port}"])
+        files = mr_series(tmp_path / "in", n=2, seed=13)
+        assert storescu(gw.port, files).returncode == 0
+        wait_for(lambda: [s.state for s in _sends(gw)] == ["dead", "dead"], 60, "two dead-letter entries")
+        sends = _sends(gw)
+        assert all(s.attempts == 1 for s in sends), "a permanent rejection must not be retried"  # type: ignore[attr-defined]
+        assert all("rejected" in s.error for s in sends)  # type: ignore[attr-defined]
+        out = gw.cli("deadletter", "list")
+        assert out.returncode == 0 and "wrongae" in out.stdout, out.stdout + out.stderr
+        assert gw.metrics()["aigw_deadletter_size"] == 2
+        r = gw.cli("deadletter", "retry", "--all")
+        assert r.returncode == 0 and "2 send(s) queued again" in r.stdout
+        wait_for(lambda: all(s.attempts == 1 and s.state == "dead" for s in _sends(gw)), 30, "retried sends")
+    finally:
+        strict.stop()
+
+
+def test_aborting_destination_is_retried_then_dead_lettered(
+    tmp_path: Path, make_gateway: Callable[..., GatewayProcess]
+) -> None:
+    # Orthanc that refuses C-STORE from unknown modalities aborts the
+    # association: transient for us, retried, then dead-lettered (no endless loop).
+    strict = Orthanc(tmp_path / "strict", always_allow_store=False).start()
+    try:
+        gw = make_gateway(
+            destinations=[f"ORTHANC@127.0.0.1:{strict.dicom_port}"], extra_toml=""
+        )
+        files = mr_series(tmp_path / "in", n=1, seed=17)
+        assert storescu(gw.port, files).returncode == 0
+        wait_for(lambda: [s.state for s in _sends(gw)] == ["dead"], 90, "the send to give up")
+        (send,) = _sends(gw)
+        assert send.attempts == 10  # type: ignore[attr-defined]
+        assert strict.instance_uids() == []
+    finally:
+        strict.stop()
+
+
+def _sends(gw: GatewayProcess) -> list[object]:
+    import sqlalchemy as sa
+
+    from gateway.index import sends_t
+
+    idx = gw.index()
+    try:
+        with idx._ro() as conn:
+            return list(conn.execute(sa.select(sends_t)))
+    finally:
+        idx.close()
