@@ -182,8 +182,7 @@ class StorageSCP:
     # ------------------------------------------------------------ associations
     def _policy(self, assoc: Any) -> Rejection | None:
         s = self.settings
-        calling = (assoc.requestor.ae_title or "").strip()
-        called = (assoc.acceptor.ae_title or "").strip() if assoc.acceptor.ae_title else ""
+        calling = _calling_ae(assoc)
         if s.allow_ae and calling not in s.allow_ae:
             return RejectReason.CALLING_AE_NOT_RECOGNISED
         if s.require_called_ae:
@@ -200,7 +199,6 @@ class StorageSCP:
         with self._assoc_lock:
             if len(self._assocs) >= s.max_associations:
                 return RejectReason.TOO_MANY_ASSOCIATIONS
-        del called
         return None
 
     def _on_requested(self, event: evt.Event) -> None:
@@ -214,11 +212,19 @@ class StorageSCP:
             # The calling AE is a configured/network value, not patient data.
             log.warning(
                 "association from %s (%s) rejected: %s",
-                (event.assoc.requestor.ae_title or "").strip(),
+                _calling_ae(event.assoc),
                 event.assoc.requestor.address,
                 rejection.label,
             )
             event.assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
+            # As pynetdicom does for its own rejections: wait for the DUL to
+            # send the A-ASSOCIATE-RJ before the socket is shut down.
+            event.assoc.kill()
+            return
+        try:
+            _prefer_requestor_order(event.assoc)
+        except Exception:
+            log.exception("could not apply the sender's transfer syntax preference; using ours")
 
     def _on_established(self, event: evt.Event) -> None:
         with self._assoc_lock:
@@ -381,6 +387,39 @@ class StorageSCP:
                 self.index.hint_complete([series_uid], now=time.time(), within=self._hint_quiet, cause="hint")
         except Exception:
             log.exception("completion hint check failed (the timer still applies)")
+
+
+def _calling_ae(assoc: Any) -> str:
+    """Calling AE title; at EVT_REQUESTED only the A-ASSOCIATE-RQ primitive has it."""
+    prim = getattr(assoc.requestor, "primitive", None)
+    title = getattr(prim, "calling_ae_title", None) or assoc.requestor.ae_title or ""
+    return str(title).strip()
+
+
+def _prefer_requestor_order(assoc: Any) -> None:
+    """Accept, per presentation context, the sender's first supported transfer syntax.
+
+    pynetdicom picks the first syntax in the acceptor's list; we reorder our
+    lists to follow the sender's proposal so that a sender is never pushed
+    into converting its data (PS3.8 9.3.2.2 leaves the choice to us).
+    """
+    from pynetdicom.presentation import PresentationContext
+
+    order: dict[str, list[str]] = {}
+    for cx in assoc.requestor.requested_contexts:
+        pref = order.setdefault(cx.abstract_syntax, [])
+        pref.extend(ts for ts in cx.transfer_syntax if ts not in pref)
+    contexts = []
+    for cx in assoc.acceptor.supported_contexts:
+        pref = order.get(cx.abstract_syntax)
+        if not pref:
+            continue  # not proposed: no need to offer it
+        new = PresentationContext()
+        new.abstract_syntax = cx.abstract_syntax
+        new.transfer_syntax = [ts for ts in pref if ts in cx.transfer_syntax]
+        new.scu_role, new.scp_role = cx.scu_role, cx.scp_role
+        contexts.append(new)
+    assoc.acceptor.supported_contexts = contexts
 
 
 def _json(text: str) -> dict[str, Any]:

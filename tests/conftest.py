@@ -148,6 +148,7 @@ class GatewayProcess:
         destinations: Sequence[str] = (),
         series_timeout: float = 2,
         release_quiet: float = 0.5,
+        gateway: dict[str, Any] | None = None,
     ) -> None:
         self.root = root
         self.port = free_port()
@@ -160,16 +161,22 @@ class GatewayProcess:
             f'host = "127.0.0.1"\nport = {d.split(":")[-1]}\n'
             for d in destinations
         )
+        table = {
+            "ae_title": "AIGW",
+            "host": "127.0.0.1",
+            "port": self.port,
+            "data_dir": str(self.data_dir),
+            "min_free_bytes": 0,
+            **(gateway or {}),
+        }
+        # JSON scalars and arrays are valid TOML values.
+        gateway_toml = "\n".join(f"{k} = {json.dumps(v)}" for k, v in table.items())
         self.config = root / "aigw.toml"
         self.config.write_text(
             f"""plugins = ["{PLUGIN}"]
 
 [gateway]
-ae_title = "AIGW"
-host = "127.0.0.1"
-port = {self.port}
-data_dir = "{self.data_dir}"
-min_free_bytes = 0
+{gateway_toml}
 
 [metrics]
 port = {self.metrics_port}
