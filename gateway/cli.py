@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="aigw-demo", metavar="DIR", help="demo folder (default ./aigw-demo)")
     p.add_argument("--report", default="report.html", metavar="FILE", help="report path (default ./report.html)")
     p.add_argument("--timeout", type=float, default=170.0, help="seconds to wait for results")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file for plugins, models and routes")
 
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="action", required=True)
@@ -353,7 +354,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    return run_demo(Path(args.out), Path(args.report), timeout=args.timeout)
+    config = Path(args.config) if args.config else None
+    return run_demo(Path(args.out), Path(args.report), timeout=args.timeout, config_path=config)
 
 
 _COMMANDS = {

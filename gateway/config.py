@@ -202,8 +202,9 @@ class GatewaySettings(_Strict):
 
 class CompletionSettings(_Strict):
     series_timeout_seconds: float = Field(default=10.0, gt=0, le=86400)
-    release_quiet_seconds: float | None = Field(
-        default=2.0, ge=0, description="after an association release, complete this soon (null: off)"
+    release_hint: bool = Field(default=True, description="treat an association release as a completion hint")
+    release_quiet_seconds: float = Field(
+        default=2.0, ge=0, description="after an association release, complete this soon"
     )
     hint_quiet_seconds: float = Field(
         default=1.0, ge=0, description="when a count hint says the series is whole, complete this soon"

@@ -58,7 +58,9 @@ class Gateway:
             self.index,
             self.metrics,
             quiet_seconds=self.router.quiet_seconds,
-            release_quiet_seconds=config.completion.release_quiet_seconds,
+            release_quiet_seconds=(
+                config.completion.release_quiet_seconds if config.completion.release_hint else None
+            ),
             hint_quiet_seconds=config.completion.hint_quiet_seconds,
             reprocess_late=config.completion.late_instances == LatePolicy.REPROCESS,
         )

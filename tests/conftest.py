@@ -147,7 +147,7 @@ class GatewayProcess:
         extra_toml: str = "",
         destinations: Sequence[str] = (),
         series_timeout: float = 2,
-        release_quiet: float = 0.5,
+        release_quiet: float | None = 0.5,
         gateway: dict[str, Any] | None = None,
     ) -> None:
         self.root = root
@@ -186,7 +186,7 @@ dir = "{models_dir}"
 
 [completion]
 series_timeout_seconds = {series_timeout}
-release_quiet_seconds = {release_quiet}
+{"release_hint = false" if release_quiet is None else f"release_quiet_seconds = {release_quiet}"}
 
 [jobs]
 backoff_seconds = 0.5

@@ -1,0 +1,125 @@
+"""Completion and job semantics through the running service: hints, late
+instances, forced completion, retries, permanent failures, unrouted series."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+
+from tests.conftest import GatewayProcess, mr_series, storescu, wait_for
+
+pytestmark = pytest.mark.peers
+
+
+def jobs(gw: GatewayProcess) -> list[Any]:
+    idx = gw.index()
+    try:
+        return list(reversed(idx.list_jobs()))
+    finally:
+        idx.close()
+
+
+def outbox_files(gw: GatewayProcess) -> list[Path]:
+    return sorted((gw.data_dir / "outbox").rglob("*.dcm"))
+
+
+def test_association_release_completes_series_early(make_gateway: Callable[..., GatewayProcess], tmp_path: Path) -> None:
+    gw = make_gateway(series_timeout=60, release_quiet=0.5)
+    t0 = time.time()
+    assert storescu(gw.port, mr_series(tmp_path / "s", n=3)).returncode == 0
+    wait_for(lambda: [j for j in jobs(gw) if j.state == "sent"], 20, "the job to finish")
+    assert time.time() - t0 < 20  # far below the 60 s quiet period
+    assert gw.metrics()['aigw_series_completed_total{cause="release"}'] == 1
+    assert len(outbox_files(gw)) == 3  # no destination configured: results in the outbox
+
+
+def test_images_in_acquisition_hint(make_gateway: Callable[..., GatewayProcess], tmp_path: Path) -> None:
+    gw = make_gateway(series_timeout=60, release_quiet=None)
+    files = mr_series(tmp_path / "s", n=3, seed=3)
+    for f in files:
+        ds = dcmread(f)
+        ds.ImagesInAcquisition = 3
+        ds.save_as(f)
+    # One association per instance, as some scanners do: only the hint can end the wait.
+    for f in files:
+        assert storescu(gw.port, [f]).returncode == 0
+    wait_for(lambda: [j for j in jobs(gw) if j.state == "sent"], 20, "hinted completion")
+    assert gw.metrics()['aigw_series_completed_total{cause="hint"}'] == 1
+
+
+def test_late_instance_reprocesses_as_new_version(make_gateway: Callable[..., GatewayProcess], tmp_path: Path) -> None:
+    gw = make_gateway()
+    files = mr_series(tmp_path / "s", n=3, seed=5)
+    assert storescu(gw.port, files[:2]).returncode == 0
+    wait_for(lambda: [j for j in jobs(gw) if j.state == "sent"], 20, "first version")
+    assert storescu(gw.port, files[2:]).returncode == 0
+    done = wait_for(lambda: [j for j in jobs(gw) if j.state == "sent"][1:], 20, "second version")
+    assert [j.series_version for j in jobs(gw)] == [1, 2] and done[0].outputs == 3
+    v1, v2 = ({p.name for p in (gw.data_dir / "outbox" / f"{j.id:08d}").iterdir()} for j in jobs(gw))
+    assert not v1 & v2  # a new version has new UIDs, never overwriting the old result
+
+
+def test_late_instance_ignored_by_policy(make_gateway: Callable[..., GatewayProcess], tmp_path: Path) -> None:
+    gw = make_gateway(extra_toml="")
+    gw.stop()
+    text = gw.config.read_text().replace("[completion]\n", '[completion]\nlate_instances = "ignore"\n')
+    gw.config.write_text(text)
+    gw.start()
+    files = mr_series(tmp_path / "s", n=2, seed=6)
+    assert storescu(gw.port, files[:1]).returncode == 0
+    wait_for(lambda: [j for j in jobs(gw) if j.state == "sent"], 20, "first version")
+    assert storescu(gw.port, files[1:]).returncode == 0
+    time.sleep(3)
+    assert len(jobs(gw)) == 1
+
+
+def test_force_complete_and_retry_after_transient_failures(
+    make_gateway: Callable[..., GatewayProcess], tmp_path: Path
+) -> None:
+    gw = make_gateway(series_timeout=600, release_quiet=None, extra_toml="[pipelines.test-invert]\nfail_times = 2\n")
+    files = mr_series(tmp_path / "s", n=2, seed=8)
+    assert storescu(gw.port, files).returncode == 0
+    time.sleep(1)
+    assert jobs(gw) == []
+    uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    r = gw.cli("series", "complete", uid)
+    assert r.returncode == 0, r.stderr
+    job = wait_for(lambda: [j for j in jobs(gw) if j.state == "sent"], 30, "success after retries")[0]
+    assert job.attempts == 3, jobs(gw)
+    assert len(jobs(gw)) == 1, jobs(gw)
+    m = gw.metrics()
+    assert m['aigw_jobs_total{outcome="retried",pipeline="test-invert"}'] == 2
+    assert m['aigw_series_completed_total{cause="forced"}'] == 1
+
+
+def test_input_error_fails_once_and_manual_retry(make_gateway: Callable[..., GatewayProcess], tmp_path: Path) -> None:
+    gw = make_gateway()
+    assert storescu(gw.port, mr_series(tmp_path / "s", n=1, description="REJECT me", seed=9)).returncode == 0
+    job = wait_for(lambda: [j for j in jobs(gw) if j.state == "failed"], 20, "permanent failure")[0]
+    assert job.attempts == 1 and "input rejected" in job.error
+    out = gw.cli("jobs", "list")
+    assert "failed" in out.stdout and "input rejected" in out.stdout
+    assert gw.cli("jobs", "retry", str(job.id)).returncode == 0
+    wait_for(lambda: jobs(gw)[0].attempts == 1 and jobs(gw)[0].state == "failed" and jobs(gw)[0].finished_at > job.finished_at,
+             20, "the retried job to fail again")
+    assert gw.cli("jobs", "retry", "999").returncode == 1
+
+
+def test_unrouted_series_counted_and_forwarded(
+    make_gateway: Callable[..., GatewayProcess], tmp_path: Path, orthanc: Any
+) -> None:
+    gw = make_gateway(destinations=[f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"], start=False)
+    gw.config.write_text(gw.config.read_text().replace("[completion]\n", '[completion]\nunrouted = "forward"\n'))
+    gw.start()
+    from pydicom.data import get_testdata_file
+
+    ct = Path(get_testdata_file("CT_small.dcm"))  # the test pipeline only takes MR
+    assert storescu(gw.port, [ct], extra=["-xe"]).returncode == 0
+    wait_for(lambda: orthanc.instance_uids(), 30, "the original forwarded to PACS")
+    assert gw.metrics()["aigw_series_unrouted_total"] == 1
+    assert jobs(gw) == []
