@@ -7,6 +7,7 @@ dead-letter list.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GatewayProcess, Orthanc, mr_series, storescu, wait_for
+from tests.conftest import GatewayProcess, Orthanc, http_get, mr_series, storescu, wait_for
 
 pytestmark = pytest.mark.peers
 
@@ -38,6 +39,9 @@ def test_series_goes_through_pipeline_to_orthanc(
     assert all(u.startswith("2.25.") for u in uids)
     jobs = wait_for(lambda: [j for j in _jobs(gw) if j.state == "sent"], 20, "job state sent")  # type: ignore[attr-defined]
     assert len(jobs) == 1 and jobs[0].outputs == 4  # type: ignore[attr-defined]
+    code, body = http_get(f"http://127.0.0.1:{gw.metrics_port}/readyz")
+    assert code == 200 and json.loads(body)["checks"] == {"database": True, "data_dir_writable": True, "listener": True}
+    assert http_get(f"http://127.0.0.1:{gw.metrics_port}/healthz")[0] == 200
     m = gw.metrics()
     assert m['aigw_instances_received_total{outcome="stored"}'] == 4
     assert m['aigw_jobs_total{outcome="succeeded",pipeline="test-invert"}'] == 1

@@ -275,3 +275,11 @@ def test_too_many_associations_rejected_transient(make_gateway: Callable[..., Ga
     finally:
         first.release()
     wait_for(lambda: _echo_ok(gw), 10, "a free association slot")
+
+
+def test_source_address_allow_list(make_gateway: Callable[..., GatewayProcess]) -> None:
+    gw = make_gateway(gateway={"allow_hosts": ["192.0.2.0/24"]})  # loopback not in it
+    assert not _echo_ok(gw)
+    assert gw.metrics()['aigw_associations_rejected_total{reason="address_not_allowed"}'] == 1
+    gw2 = make_gateway(gateway={"allow_hosts": ["127.0.0.0/8"]})
+    assert _echo_ok(gw2)
