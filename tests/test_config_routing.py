@@ -236,3 +236,8 @@ def test_admin_commands_without_an_index_explain_themselves(tmp_path: Path) -> N
     assert r.returncode == 2 and "no index" in r.stderr and "Traceback" not in r.stderr
     r = _cli("series", "complete", "../../etc/passwd", "--data-dir", str(tmp_path))
     assert r.returncode == 2 and "not a valid UID" in r.stderr
+
+
+def test_example_config_is_valid() -> None:
+    r = _cli("config", "check", "--config", str(REPO / "ops" / "aigw.example.toml"))
+    assert r.returncode == 0, r.stderr
