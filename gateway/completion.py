@@ -16,11 +16,11 @@ job per matching route in the same transaction that marks it complete.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gateway._loop import PeriodicLoop
 from gateway.config import CompletionSettings, UnroutedPolicy
 from gateway.index import Index
 from gateway.metrics import Metrics
@@ -92,8 +92,10 @@ def slide_pyramid_complete(headers: Sequence[Mapping[str, Any]]) -> bool:
     return base and top and all(seen >= total for seen, total in concat.values())
 
 
-class Completer:
+class Completer(PeriodicLoop):
     """Background loop: completes due series and queues their jobs."""
+
+    name = "aigw-completion"
 
     def __init__(
         self,
@@ -108,29 +110,7 @@ class Completer:
         self.settings = settings
         self.metrics = metrics
         self.destinations = list(destinations)
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="aigw-completion", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("completion pass failed; retrying")
-            self._wake.wait(self.settings.poll_seconds)
-            self._wake.clear()
+        super().__init__(settings.poll_seconds)
 
     def run_once(self, now: float | None = None) -> int:
         """Complete and route every series whose deadline has passed."""

@@ -96,19 +96,25 @@ def _key(elem: DataElement) -> str | None:
     return elem.keyword or None
 
 
+def _keyed_value(elem: DataElement) -> tuple[str, Any] | None:
+    """(key, JSON value) of an element worth keeping, else None."""
+    if elem.tag.group == 0x0002 or elem.tag == 0x7FE00010 or elem.VR in _SKIP_VRS:
+        return None
+    key = _key(elem)
+    if key is None or key in EXCLUDED_KEYWORDS:
+        return None
+    try:
+        value = _json_value(elem)
+    except Exception:  # undecodable value: skip it, the file is still stored
+        return None
+    return None if value is None else (key, value)
+
+
 def _collect_flat(ds: Dataset, out: dict[str, Any]) -> None:
     for elem in ds:
-        if elem.tag.group in (0x0002,) or elem.tag == 0x7FE00010:
-            continue
-        key = _key(elem)
-        if key is None or key in EXCLUDED_KEYWORDS or elem.VR in _SKIP_VRS:
-            continue
-        try:
-            value = _json_value(elem)
-        except Exception:  # undecodable value: skip it, the file is still stored
-            continue
-        if value is not None:
-            out[key] = value
+        kv = _keyed_value(elem)
+        if kv is not None:
+            out[kv[0]] = kv[1]
 
 
 def _collect_nested(seq: Any, out: dict[str, list[Any]], budget: list[int]) -> None:
@@ -120,15 +126,10 @@ def _collect_nested(seq: Any, out: dict[str, list[Any]], budget: list[int]) -> N
             if elem.VR == "SQ":
                 _collect_nested(elem.value, out, budget)
                 continue
-            key = _key(elem)
-            if key is None or key in EXCLUDED_KEYWORDS or elem.VR in _SKIP_VRS:
+            kv = _keyed_value(elem)
+            if kv is None or isinstance(kv[1], list):
                 continue
-            try:
-                value = _json_value(elem)
-            except Exception:
-                continue
-            if value is None or isinstance(value, list):
-                continue
+            key, value = kv
             bucket = out.setdefault(key, [])
             if value not in bucket and len(bucket) < _MAX_DISTINCT:
                 bucket.append(value)

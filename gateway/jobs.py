@@ -32,6 +32,7 @@ from typing import Any
 
 from pydicom import Dataset
 
+from gateway._loop import PeriodicLoop
 from gateway.config import Config
 from gateway.contract import Identity, InputError, Pipeline, RunContext
 from gateway.index import Index
@@ -186,8 +187,10 @@ class JobRunner:
         return stored
 
 
-class LocalExecutor:
+class LocalExecutor(PeriodicLoop):
     """The embedded worker pool: claims queued jobs and runs them in threads."""
+
+    name = "aigw-dispatch"
 
     def __init__(self, runner: JobRunner, index: Index, config: Config, metrics: Metrics) -> None:
         self.runner = runner
@@ -199,9 +202,8 @@ class LocalExecutor:
         self._slots = threading.Semaphore(config.jobs.workers)
         self._running: set[int] = set()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="aigw-dispatch", daemon=True)
+        self._last_renew = 0.0
+        super().__init__(0.25)
 
     def start(self) -> None:
         # Embedded mode: every job still 'running' under this host was owned by
@@ -210,42 +212,31 @@ class LocalExecutor:
         n = self.index.requeue_running(now=time.time(), owner_prefix=host, expired_only=False)
         if n:
             log.warning("requeued %d job(s) interrupted by a previous shutdown or crash", n)
-        self._thread.start()
+        super().start()
 
-    def stop(self, wait: bool = True) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
+    def stop(self, timeout: float = 30, wait: bool = True) -> None:
+        super().stop(timeout)
         self._pool.shutdown(wait=wait, cancel_futures=True)
 
-    def wake(self) -> None:
-        self._wake.set()
-
-    def _loop(self) -> None:
-        last_renew = 0.0
+    def run_once(self) -> None:
+        """Renew leases of running jobs, requeue dead nodes' jobs, fill free slots."""
         lease = self.config.jobs.lease_seconds
-        while not self._stop.is_set():
-            try:
-                now = time.time()
-                if now - last_renew > lease / 3:
-                    last_renew = now
-                    with self._lock:
-                        running = list(self._running)
-                    for jid in running:
-                        self.index.renew_lease(jid, self.owner, now + lease)
-                    self.index.requeue_running(now=now)  # leases of dead nodes
-                while self._slots.acquire(blocking=False):
-                    job = self.index.claim_job(self.owner, now=time.time(), lease_seconds=lease)
-                    if job is None:
-                        self._slots.release()
-                        break
-                    with self._lock:
-                        self._running.add(job.id)
-                    self._pool.submit(self._run, job)
-            except Exception:
-                log.exception("job dispatch failed; retrying")
-            self._wake.wait(0.25)
-            self._wake.clear()
+        now = time.time()
+        if now - self._last_renew > lease / 3:
+            self._last_renew = now
+            with self._lock:
+                running = list(self._running)
+            for jid in running:
+                self.index.renew_lease(jid, self.owner, now + lease)
+            self.index.requeue_running(now=now)  # leases of dead nodes
+        while self._slots.acquire(blocking=False):
+            job = self.index.claim_job(self.owner, now=time.time(), lease_seconds=lease)
+            if job is None:
+                self._slots.release()
+                break
+            with self._lock:
+                self._running.add(job.id)
+            self._pool.submit(self._run, job)
 
     def _run(self, job: Any) -> None:
         try:
@@ -254,4 +245,4 @@ class LocalExecutor:
             with self._lock:
                 self._running.discard(job.id)
             self._slots.release()
-            self._wake.set()
+            self.wake()

@@ -15,7 +15,6 @@ Every output instance has one ``sends`` row per destination. Outcomes
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import defaultdict
 from typing import Any
@@ -24,6 +23,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from gateway._loop import PeriodicLoop
 from gateway.config import Config, Destination
 from gateway.index import Index, SendState
 from gateway.jobs import backoff
@@ -48,37 +48,17 @@ def classify_status(status: int) -> SendState | None:
     return None
 
 
-class Sender:
+class Sender(PeriodicLoop):
     """Background loop that delivers pending sends, one association per destination batch."""
+
+    name = "aigw-sender"
 
     def __init__(self, config: Config, index: Index, metrics: Metrics) -> None:
         self.config = config
         self.index = index
         self.metrics = metrics
         self.destinations = {d.name: d for d in config.destinations}
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="aigw-sender", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=30)
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("send pass failed; retrying")
-            self._wake.wait(0.5)
-            self._wake.clear()
+        super().__init__(0.5)
 
     def run_once(self) -> int:
         due = self.index.due_sends(time.time())
