@@ -69,10 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="DICOM listen address")
     p.add_argument("--port", type=int, help="DICOM listen port")
     p.add_argument("--ae-title", help="our AE title")
-    p.add_argument("--destination", action="append", default=[], metavar="AE@HOST:PORT",
-                   help="result destination (repeatable)")
-    p.add_argument("--allow-ae", action="append", default=[], metavar="AE",
-                   help="accept only these calling AE titles (repeatable)")
+    p.add_argument(
+        "--destination", action="append", default=[], metavar="AE@HOST:PORT", help="result destination (repeatable)"
+    )
+    p.add_argument(
+        "--allow-ae", action="append", default=[], metavar="AE", help="accept only these calling AE titles (repeatable)"
+    )
     p.add_argument("--metrics-port", type=int, help="Prometheus port (0: any free port)")
     p.add_argument("--series-timeout", type=float, metavar="SECONDS", help="default quiet period of a series")
 
@@ -124,8 +126,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="exported models")
     msub = p.add_subparsers(dest="action", required=True)
-    for name, helptext in (("list", "list models, pipelines and the execution providers"),
-                           ("verify", "check every model file against its sha256")):
+    for name, helptext in (
+        ("list", "list models, pipelines and the execution providers"),
+        ("verify", "check every model file against its sha256"),
+    ):
         m = msub.add_parser(name, help=helptext)
         _add_config(m)
     return ap
@@ -135,7 +139,9 @@ def _index(cfg: Config) -> Any:
     from gateway.index import Index
 
     if not cfg.gateway.database_url and not (cfg.gateway.data_dir / "index.sqlite").exists():
-        raise ConfigError(f"no index at {cfg.gateway.data_dir / 'index.sqlite'}: has the gateway run with this data dir?")
+        raise ConfigError(
+            f"no index at {cfg.gateway.data_dir / 'index.sqlite'}: has the gateway run with this data dir?"
+        )
     return Index(cfg.database_url)
 
 
@@ -256,7 +262,10 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
         print(json.dumps([{k: r._mapping[k] for k in r._mapping.keys() if k != "owner"} for r in rows], indent=1))
         return 0
     _table(
-        [(r.id, r.pipeline, r.route, r.state, r.attempts, r.outputs, _ts(r.created_at), (r.error or "")[:60]) for r in rows],
+        [
+            (r.id, r.pipeline, r.route, r.state, r.attempts, r.outputs, _ts(r.created_at), (r.error or "")[:60])
+            for r in rows
+        ],
         ["ID", "PIPELINE", "ROUTE", "STATE", "TRIES", "OUTPUTS", "CREATED", "ERROR"],
     )
     return 0
@@ -281,8 +290,18 @@ def cmd_deadletter_list(args: argparse.Namespace) -> int:
         print(json.dumps([dict(r._mapping) for r in rows], indent=1))
         return 0
     _table(
-        [(r.id, r.job_id, r.destination, r.attempts, f"0x{r.last_status:04X}" if r.last_status is not None else "-",
-          _ts(r.next_attempt_at), (r.error or "")[:70]) for r in rows],
+        [
+            (
+                r.id,
+                r.job_id,
+                r.destination,
+                r.attempts,
+                f"0x{r.last_status:04X}" if r.last_status is not None else "-",
+                _ts(r.next_attempt_at),
+                (r.error or "")[:70],
+            )
+            for r in rows
+        ],
         ["ID", "JOB", "DESTINATION", "TRIES", "STATUS", "LAST", "REASON"],
     )
     if not rows:
@@ -326,8 +345,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "list":
         print(f"models dir: {reg.root}")
         print(f"execution providers: {', '.join(reg.providers)}")
-        _table([(m.name, m.version, m.file, m.sha256[:16]) for m in manifests.values()],
-               ["MODEL", "VERSION", "FILE", "SHA256"])
+        _table(
+            [(m.name, m.version, m.file, m.sha256[:16]) for m in manifests.values()],
+            ["MODEL", "VERSION", "FILE", "SHA256"],
+        )
         for name, err in reg.errors().items():
             print(f"invalid: {name}: {err}")
         plugins = discover(cfg, reg)

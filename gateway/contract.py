@@ -333,13 +333,13 @@ class Pipeline(Protocol):
 
 @runtime_checkable
 class DemoCapable(Protocol):
-    """Optional hooks a pipeline implements to take part in ``aigw demo``.
+    """Optional hook a pipeline implements to take part in ``aigw demo``.
 
     ``demo_study`` writes a synthetic study (DICOM files) that the pipeline's
-    default selector accepts and returns their paths; ``demo_preview`` renders
-    pictures of input and output for the report, as (title, PIL image) pairs.
+    default selector accepts and returns their paths. A pipeline may also
+    define ``demo_preview(inputs, outputs) -> [(title, PIL.Image)]`` to draw
+    its own pictures for the report (for example maps with colour bars);
+    without it the demo shows the middle input image and the first output.
     """
 
     def demo_study(self, folder: Path, seed: int) -> Sequence[Path]: ...
-
-    def demo_preview(self, inputs: Sequence[Path], outputs: Sequence[Path]) -> Sequence[tuple[str, Any]]: ...

@@ -510,7 +510,8 @@ def _update(run: SeriesRun, gw: Gateway, pacs: ReceivingNode, jobs_by_series: Ma
     missing = 0
     for job in jobs:
         if job.state == JobState.FAILED.value:
-            run.status, run.error = "failed", f"job {job.id} ({job.pipeline}) failed: {job.error or 'no reason recorded'}"
+            run.status = "failed"
+            run.error = f"job {job.id} ({job.pipeline}) failed: {job.error or 'no reason recorded'}"
             return
         if job.state not in (JobState.SUCCEEDED.value, JobState.SENT.value):
             return
@@ -530,6 +531,10 @@ def _update(run: SeriesRun, gw: Gateway, pacs: ReceivingNode, jobs_by_series: Ma
     run.output_dirs = sorted({r.path.parent for r in run.outputs})
     if not run.outputs:
         run.status, run.error = "failed", "the pipeline returned no output instances"
+    elif run.accepted < len(run.files):
+        # Results for part of a series are not the series coming back.
+        run.status = "failed"
+        run.error = f"only {run.accepted} of {len(run.files)} instances reached the gateway: {run.send_error}"
     else:
         run.status = "back"
 
@@ -629,6 +634,8 @@ def _by_instance_number(paths: Sequence[Path]) -> list[Path]:
         try:
             return (int(dcmread(p, stop_before_pixels=True).get("InstanceNumber") or 0), p.name)
         except Exception:
+            # Only the order of the preview suffers; reading the file for the
+            # picture reports a real problem.
             return (0, p.name)
 
     return sorted(paths, key=key)
@@ -680,7 +687,8 @@ _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;max-width:1200px}
 h1{margin-bottom:.2em} .verdict{font-size:1.2em;padding:.6em 1em;border-radius:6px;display:inline-block}
 .ok{background:#e3f6e5;color:#14591f} .bad{background:#fde7e7;color:#8a1111}
-table{border-collapse:collapse;margin:1em 0} th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:1em 0}
+th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
 th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums}
 section{border-top:1px solid #ddd;margin-top:2em;padding-top:1em}
 figure{display:inline-block;margin:0 1em 1em 0;text-align:center} figure img{border:1px solid #999;image-rendering:auto}
@@ -740,7 +748,8 @@ def _write_report(
     ]
     for i, run in enumerate(runs, 1):
         p.append(
-            f'<tr><td>{_e(run.pipeline)}</td><td><a href="#s{i}">series {i}</a> <span class="muted">({_e(run.ref)})</span></td>'
+            f'<tr><td>{_e(run.pipeline)}</td>'
+            f'<td><a href="#s{i}">series {i}</a> <span class="muted">({_e(run.ref)})</span></td>'
             f'<td class="num">{run.accepted}/{len(run.files)}</td><td class="num">{len(run.outputs)}</td>'
             f'<td class="num">{_secs(run.send_seconds)}</td><td class="num">{_secs(run.completion_seconds)}</td>'
             f'<td class="num">{_secs(run.job_seconds)}</td><td class="num">{_secs(run.end_to_end_seconds)}</td>'
@@ -868,7 +877,6 @@ def run_demo(out: Path, report: Path, timeout: float, config_path: Path | None =
     notes: list[PipelineNote] = []
     config: Config | None = None
     gw: Gateway | None = None
-    gw_started = False
     pacs = ReceivingNode(out / "received")
     with _demo_logging(out / "gateway.log", level):
         try:
@@ -892,8 +900,6 @@ def run_demo(out: Path, report: Path, timeout: float, config_path: Path | None =
                 print(f"report: {report}", file=sys.stderr)
                 return 1
 
-            # Set first: a start that fails half way still stops what it started.
-            gw_started = True
             gw.start()
             console.say(
                 f"gateway {config.gateway.ae_title} listening on 127.0.0.1:{gw.dicom_port}; "
@@ -952,10 +958,7 @@ def run_demo(out: Path, report: Path, timeout: float, config_path: Path | None =
             # Also on Ctrl-C: no listener or worker thread outlives the demo.
             if gw is not None:
                 try:
-                    if gw_started:
-                        gw.stop()
-                    else:
-                        gw.index.close()
+                    gw.stop()  # also closes the index of a gateway that never started
                 except Exception:
                     log.exception("stopping the gateway failed")
             pacs.stop()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -472,7 +471,7 @@ class Index:
                         outputs=0,
                     )
                 )
-                ids.append(int(r.inserted_primary_key[0]))
+                ids.append(int(r.inserted_primary_key[0]))  # type: ignore[index]
             return ids
 
     # --------------------------------------------------------------------- jobs

@@ -65,7 +65,7 @@ class _JobLog(logging.LoggerAdapter[logging.Logger]):
 def _finalise(ds: Dataset) -> None:
     """Make a pipeline's dataset writable as a DICOM file (PS3.10 file meta)."""
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
     meta = getattr(ds, "file_meta", None)
     if meta is None or "TransferSyntaxUID" not in meta:
@@ -136,7 +136,12 @@ class JobRunner:
                 progress=lambda f, m: jlog.debug("progress %.0f%% %s", 100 * f, m),
                 model_versions=model_versions,
             )
-            jlog.info("running on series %s v%d (%d instances)", short_ref(job.series_uid), job.series_version, series.instance_count)
+            jlog.info(
+                "running on series %s v%d (%d instances)",
+                short_ref(job.series_uid),
+                job.series_version,
+                series.instance_count,
+            )
             outputs = list(pipeline.run(series, ctx))
             inference = sum(s.seconds for s in sessions.values())
             stored = self._store_outputs(job.id, outputs)
@@ -146,7 +151,9 @@ class JobRunner:
                 return
             self.metrics.jobs.labels(pipeline=job.pipeline, outcome="succeeded").inc()
             self.metrics.job_latency.labels(pipeline=job.pipeline).observe(max(0.0, time.time() - t0))
-            jlog.info("succeeded: %d output instances in %.2f s (inference %.2f s)", len(stored), time.time() - t0, inference)
+            jlog.info(
+                "succeeded: %d output instances in %.2f s (inference %.2f s)", len(stored), time.time() - t0, inference
+            )
         except InputError as exc:
             self._fail(job, owner, f"input rejected: {exc}", permanent=True, jlog=jlog)
         except Exception as exc:
@@ -157,7 +164,9 @@ class JobRunner:
             if inference:
                 self.metrics.inference_duration.labels(pipeline=job.pipeline).observe(inference)
 
-    def _fail(self, job: Any, owner: str, error: str, *, permanent: bool, jlog: logging.LoggerAdapter[logging.Logger]) -> None:
+    def _fail(
+        self, job: Any, owner: str, error: str, *, permanent: bool, jlog: logging.LoggerAdapter[logging.Logger]
+    ) -> None:
         jc = self.config.jobs
         retry_at = None
         if not permanent and job.attempts < jc.max_attempts:

@@ -49,7 +49,11 @@ def _sources(extra: Sequence[str]) -> list[tuple[str, str, Callable[[], Callable
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         out.append((ep.name, f"entry point {ep.value}", ep.load))
     for spec in extra:
-        out.append((spec.rpartition(":")[2] or spec, f"config plugin {spec}", lambda s=spec: _load_target(s)))
+
+        def load(s: str = spec) -> Callable[[], Any]:
+            return _load_target(s)
+
+        out.append((spec.rpartition(":")[2] or spec, f"config plugin {spec}", load))
     return out
 
 
@@ -59,7 +63,10 @@ def discover(config: Config, models: ModelRegistry, verify_models: bool = True) 
     for ep_name, origin, load in _sources(config.plugins):
         try:
             factory = load()
-            pipeline = factory() if callable(factory) and not isinstance(factory, Pipeline) else factory
+            # A class (the usual factory) also passes the runtime Protocol check,
+            # so instantiate classes and call other callables that are not pipelines.
+            is_instance = isinstance(factory, Pipeline) and not isinstance(factory, type)
+            pipeline = factory if is_instance or not callable(factory) else factory()
         except PipelineUnavailable as exc:
             result.unavailable[ep_name] = str(exc)
             result.origin[ep_name] = origin

@@ -25,7 +25,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
-from pynetdicom.sop_class import Verification, _STORAGE_CLASSES  # type: ignore[attr-defined]
+from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
 
 from gateway.completion import count_hint, is_slide, slide_pyramid_complete
 from gateway.config import GatewaySettings
@@ -131,6 +131,7 @@ class StorageSCP:
         self._assoc_lock = threading.Lock()
         self._server: Any = None
         self._saved_tempdir: str | None = None
+        self._saved_chunked = False
         self._networks = [ipaddress.ip_network(h, strict=False) for h in settings.allow_hosts]
         self.port: int | None = None
 
@@ -140,6 +141,7 @@ class StorageSCP:
         s = self.settings
         # Stream data sets to files on the data dir's filesystem so the final
         # rename is atomic and the payload is never held in memory.
+        self._saved_chunked = _config.STORE_RECV_CHUNKED_DATASET
         _config.STORE_RECV_CHUNKED_DATASET = True
         self._saved_tempdir = tempfile.tempdir
         tempfile.tempdir = str(self.data.incoming)
@@ -154,7 +156,7 @@ class StorageSCP:
         for uid in _STORAGE_CLASSES.values():
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES[:3])
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_RELEASED, self._on_released),
@@ -172,6 +174,7 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+            _config.STORE_RECV_CHUNKED_DATASET = self._saved_chunked
         if self._saved_tempdir is not None or tempfile.tempdir == str(self.data.incoming):
             tempfile.tempdir = self._saved_tempdir
 
@@ -292,7 +295,7 @@ class StorageSCP:
                 "refused_space",
                 f"free space {free} bytes is under the watermark min_free_bytes={s.min_free_bytes}",
             )
-        req = event.request
+        req: Any = event.request  # a C-STORE request primitive
         try:
             sop_uid = checked_uid(req.AffectedSOPInstanceUID, "AffectedSOPInstanceUID")
             sop_class = checked_uid(req.AffectedSOPClassUID, "AffectedSOPClassUID")
@@ -411,12 +414,12 @@ def _prefer_requestor_order(assoc: Any) -> None:
         pref.extend(ts for ts in cx.transfer_syntax if ts not in pref)
     contexts = []
     for cx in assoc.acceptor.supported_contexts:
-        pref = order.get(cx.abstract_syntax)
-        if not pref:
+        proposed = order.get(cx.abstract_syntax)
+        if not proposed:
             continue  # not proposed: no need to offer it
         new = PresentationContext()
         new.abstract_syntax = cx.abstract_syntax
-        new.transfer_syntax = [ts for ts in pref if ts in cx.transfer_syntax]
+        new.transfer_syntax = [ts for ts in proposed if ts in cx.transfer_syntax]
         new.scu_role, new.scp_role = cx.scu_role, cx.scp_role
         contexts.append(new)
     assoc.acceptor.supported_contexts = contexts

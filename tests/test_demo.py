@@ -35,7 +35,7 @@ class FailingPipeline:
     def demo_study(self, folder: Path, seed: int) -> list[Path]:
         from pydicom.data import get_testdata_file
 
-        ds = dcmread(get_testdata_file("MR_small.dcm"))
+        ds = dcmread(str(get_testdata_file("MR_small.dcm")))
         folder.mkdir(parents=True, exist_ok=True)
         ds.SeriesInstanceUID = f"2.25.{seed}3"
         ds.SOPInstanceUID = f"2.25.{seed}4"
