@@ -29,8 +29,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# DCMTK leaves Nagle's algorithm on unless told; without this every DIMSE
+# message from storescu waits ~40 ms for a delayed ACK.
+os.environ.setdefault("TCP_NODELAY", "1")
+
+
 def need(tool: str) -> str:
-    path = shutil.which(tool)
+    """Path of a system tool; never pynetdicom's same-named apps in the virtualenv."""
+    search = os.pathsep.join(
+        d
+        for d in os.environ.get("PATH", "").split(os.pathsep)
+        if not Path(d).resolve().is_relative_to(Path(sys.prefix).resolve())
+    )
+    path = shutil.which(tool, path=search)
     if path is None:
         pytest.fail(f"{tool} is not installed: run the README's test command (it installs dcmtk, orthanc, ...)")
     return path
@@ -287,8 +298,14 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
 def make_gateway(tmp_path: Path, models_dir: Path) -> Iterator[Callable[..., GatewayProcess]]:
     started: list[GatewayProcess] = []
 
-    def make(extra_toml: str = "", destinations: Sequence[str] = (), start: bool = True, **kw: Any) -> GatewayProcess:
-        gw = GatewayProcess(tmp_path / f"gw{len(started)}", models_dir, extra_toml, destinations, **kw)
+    def make(
+        extra_toml: str = "",
+        destinations: Sequence[str] = (),
+        start: bool = True,
+        models: Path | None = None,
+        **kw: Any,
+    ) -> GatewayProcess:
+        gw = GatewayProcess(tmp_path / f"gw{len(started)}", models or models_dir, extra_toml, destinations, **kw)
         started.append(gw)
         return gw.start() if start else gw
 
