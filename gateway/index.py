@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
+from concurrent.futures import Future
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ from sqlalchemy.engine import Connection, Engine
 from gateway.contract import Instance, Series
 
 __all__ = [
+    "GroupCommitter",
     "Index",
     "InstanceRecord",
     "JobState",
@@ -244,86 +248,96 @@ class Index:
     def record_instance(
         self, rec: InstanceRecord, *, now: float, quiet_seconds: float, reprocess_late: bool
     ) -> RecordOutcome:
-        """Index a stored instance and (re)arm its series' completion timer."""
+        """Index a stored instance and (re)arm its series' completion timer (own transaction)."""
         with self._tx() as conn:
-            existing = conn.execute(
-                sa.select(instances_t.c.sha256).where(instances_t.c.sop_instance_uid == rec.sop_instance_uid)
-            ).first()
-            if existing is not None:
-                if existing.sha256 == rec.sha256:
-                    return RecordOutcome.DUPLICATE
-                conn.execute(
-                    conflicts_t.insert().values(
-                        sop_instance_uid=rec.sop_instance_uid,
-                        path=str(rec.path),
-                        sha256=rec.sha256,
-                        calling_ae=rec.calling_ae,
-                        received_at=now,
-                    )
-                )
-                return RecordOutcome.CONFLICT
+            return self._record(conn, rec, now, quiet_seconds, reprocess_late)
 
-            s = conn.execute(sa.select(series_t).where(series_t.c.series_uid == rec.series_uid)).first()
-            deadline = now + quiet_seconds
-            if s is None:
-                version = 1
-                conn.execute(
-                    series_t.insert().values(
-                        series_uid=rec.series_uid,
-                        study_uid=rec.study_uid,
-                        modality=rec.modality[:16],
-                        calling_ae=rec.calling_ae,
-                        first_arrival=now,
-                        last_arrival=now,
-                        instance_count=1,
-                        total_bytes=rec.size_bytes,
-                        state=SeriesState.RECEIVING.value,
-                        version=1,
-                        quiet_seconds=quiet_seconds,
-                        deadline=deadline,
-                        expected_instances=rec.expected_instances,
-                    )
-                )
-            else:
-                version = s.version
-                values: dict[str, Any] = {
-                    "last_arrival": now,
-                    "instance_count": s.instance_count + 1,
-                    "total_bytes": s.total_bytes + rec.size_bytes,
-                }
-                if rec.expected_instances and not s.expected_instances:
-                    values["expected_instances"] = rec.expected_instances
-                if s.state == SeriesState.RECEIVING.value:
-                    # A new instance re-arms the full quiet period (hints are re-checked later).
-                    values["deadline"] = now + s.quiet_seconds
-                    values["completed_by"] = None
-                elif reprocess_late:
-                    version = s.version + 1
-                    values.update(
-                        state=SeriesState.RECEIVING.value,
-                        version=version,
-                        deadline=now + s.quiet_seconds,
-                        completed_at=None,
-                        completed_by=None,
-                    )
-                conn.execute(series_t.update().where(series_t.c.series_uid == rec.series_uid).values(**values))
+    def record_batch(self, items: Sequence[tuple[InstanceRecord, float, float, bool]]) -> list[RecordOutcome]:
+        """Record several instances in one transaction: one lock, one commit (group commit)."""
+        with self._tx() as conn:
+            return [self._record(conn, rec, now, quiet, late) for rec, now, quiet, late in items]
+
+    def _record(
+        self, conn: Connection, rec: InstanceRecord, now: float, quiet_seconds: float, reprocess_late: bool
+    ) -> RecordOutcome:
+        existing = conn.execute(
+            sa.select(instances_t.c.sha256).where(instances_t.c.sop_instance_uid == rec.sop_instance_uid)
+        ).first()
+        if existing is not None:
+            if existing.sha256 == rec.sha256:
+                return RecordOutcome.DUPLICATE
             conn.execute(
-                instances_t.insert().values(
+                conflicts_t.insert().values(
                     sop_instance_uid=rec.sop_instance_uid,
-                    series_uid=rec.series_uid,
-                    study_uid=rec.study_uid,
-                    sop_class_uid=rec.sop_class_uid,
-                    transfer_syntax=rec.transfer_syntax,
                     path=str(rec.path),
-                    size_bytes=rec.size_bytes,
                     sha256=rec.sha256,
                     calling_ae=rec.calling_ae,
                     received_at=now,
-                    series_version=version,
-                    headers=json.dumps(rec.headers, separators=(",", ":"), default=str),
                 )
             )
-            return RecordOutcome.STORED
+            return RecordOutcome.CONFLICT
+
+        s = conn.execute(sa.select(series_t).where(series_t.c.series_uid == rec.series_uid)).first()
+        deadline = now + quiet_seconds
+        if s is None:
+            version = 1
+            conn.execute(
+                series_t.insert().values(
+                    series_uid=rec.series_uid,
+                    study_uid=rec.study_uid,
+                    modality=rec.modality[:16],
+                    calling_ae=rec.calling_ae,
+                    first_arrival=now,
+                    last_arrival=now,
+                    instance_count=1,
+                    total_bytes=rec.size_bytes,
+                    state=SeriesState.RECEIVING.value,
+                    version=1,
+                    quiet_seconds=quiet_seconds,
+                    deadline=deadline,
+                    expected_instances=rec.expected_instances,
+                )
+            )
+        else:
+            version = s.version
+            values: dict[str, Any] = {
+                "last_arrival": now,
+                "instance_count": s.instance_count + 1,
+                "total_bytes": s.total_bytes + rec.size_bytes,
+            }
+            if rec.expected_instances and not s.expected_instances:
+                values["expected_instances"] = rec.expected_instances
+            if s.state == SeriesState.RECEIVING.value:
+                # A new instance re-arms the full quiet period (hints are re-checked later).
+                values["deadline"] = now + s.quiet_seconds
+                values["completed_by"] = None
+            elif reprocess_late:
+                version = s.version + 1
+                values.update(
+                    state=SeriesState.RECEIVING.value,
+                    version=version,
+                    deadline=now + s.quiet_seconds,
+                    completed_at=None,
+                    completed_by=None,
+                )
+            conn.execute(series_t.update().where(series_t.c.series_uid == rec.series_uid).values(**values))
+        conn.execute(
+            instances_t.insert().values(
+                sop_instance_uid=rec.sop_instance_uid,
+                series_uid=rec.series_uid,
+                study_uid=rec.study_uid,
+                sop_class_uid=rec.sop_class_uid,
+                transfer_syntax=rec.transfer_syntax,
+                path=str(rec.path),
+                size_bytes=rec.size_bytes,
+                sha256=rec.sha256,
+                calling_ae=rec.calling_ae,
+                received_at=now,
+                series_version=version,
+                headers=json.dumps(rec.headers, separators=(",", ":"), default=str),
+            )
+        )
+        return RecordOutcome.STORED
 
     # --------------------------------------------------------------- completion
     def hint_complete(self, series_uids: Iterable[str], *, now: float, within: float, cause: str) -> int:
@@ -726,3 +740,63 @@ class Index:
                 rows = conn.execute(sa.select(table.c.state, sa.func.count()).group_by(table.c.state))
                 out[name] = {r[0]: int(r[1]) for r in rows}
         return out
+
+
+class GroupCommitter:
+    """A single writer that records instances from every association in shared transactions.
+
+    Each C-STORE handler waits for its own row to be committed (acknowledged
+    still means durable), but concurrent handlers share one ``BEGIN IMMEDIATE``
+    and one fsync of the WAL instead of queueing for the write lock one by one.
+    """
+
+    def __init__(self, index: Index, max_batch: int = 64) -> None:
+        self.index = index
+        self.max_batch = max_batch
+        self._queue: queue.Queue[tuple[tuple[InstanceRecord, float, float, bool], Future[RecordOutcome]] | None]
+        self._queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="aigw-index-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def record(self, rec: InstanceRecord, *, now: float, quiet_seconds: float, reprocess_late: bool) -> RecordOutcome:
+        """Record one instance; returns once its transaction has committed."""
+        if not self._thread.is_alive():  # not started (tools, tests): plain transaction
+            return self.index.record_instance(rec, now=now, quiet_seconds=quiet_seconds, reprocess_late=reprocess_late)
+        fut: Future[RecordOutcome] = Future()
+        self._queue.put(((rec, now, quiet_seconds, reprocess_late), fut))
+        return fut.result()
+
+    def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            try:
+                results = self.index.record_batch([args for args, _ in batch])
+                for (_, fut), res in zip(batch, results):
+                    fut.set_result(res)
+            except Exception:
+                # One bad row must not fail its neighbours: retry each alone.
+                log.exception("group commit of %d instance(s) failed; recording them one by one", len(batch))
+                for (rec, now, quiet, late), fut in batch:
+                    try:
+                        fut.set_result(self.index.record_instance(rec, now=now, quiet_seconds=quiet, reprocess_late=late))
+                    except Exception as exc:
+                        fut.set_exception(exc)

@@ -30,7 +30,7 @@ from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[
 from gateway.completion import count_hint, is_slide, slide_pyramid_complete
 from gateway.config import GatewaySettings
 from gateway.headers import routing_headers
-from gateway.index import Index, InstanceRecord, RecordOutcome
+from gateway.index import GroupCommitter, Index, InstanceRecord, RecordOutcome
 from gateway.metrics import Metrics
 from gateway.status import Rejection, RejectReason, StorageStatus
 from gateway.storage import DataDir, install_file, sha256_file
@@ -127,6 +127,7 @@ class StorageSCP:
         self._hint_quiet = hint_quiet_seconds
         self._reprocess_late = reprocess_late
         self._locks = _UidLocks()
+        self._writer = GroupCommitter(index)
         self._assocs: dict[int, _AssocState] = {}
         self._assoc_lock = threading.Lock()
         self._server: Any = None
@@ -165,6 +166,7 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
+        self._writer.start()
         self._server = ae.start_server((s.host, s.port), block=False, evt_handlers=handlers)
         self.port = int(self._server.server_address[1])
         log.info("DICOM listener %s on %s:%d", s.ae_title, s.host, self.port)
@@ -175,6 +177,7 @@ class StorageSCP:
             self._server.shutdown()
             self._server = None
             _config.STORE_RECV_CHUNKED_DATASET = self._saved_chunked
+            self._writer.stop()
         if self._saved_tempdir is not None or tempfile.tempdir == str(self.data.incoming):
             tempfile.tempdir = self._saved_tempdir
 
@@ -361,7 +364,7 @@ class StorageSCP:
                 headers=headers,
                 expected_instances=count_hint(headers, sop_class),
             )
-            outcome = self.index.record_instance(
+            outcome = self._writer.record(
                 rec,
                 now=now,
                 quiet_seconds=self._quiet_seconds(headers, calling_ae),

@@ -1,0 +1,429 @@
+"""One large instance: the gateway's memory and speed receiving a ~1 GB slide.
+
+What it measures
+----------------
+1. Writes a VL Whole Slide Microscopy Image (1.2.840.10008.5.1.4.1.1.77.1.6,
+   Explicit VR Little Endian, native 8-bit RGB, TILED_FULL frames of
+   512x512x3) of about ``--gb`` GiB without holding it in memory: pydicom
+   writes the header, then the Pixel Data element (7FE0,0010) OB is appended
+   by hand (tag, VR, 4-byte length) and the frames are streamed in chunks.
+2. Starts ``aigw serve`` with a fresh data dir and sends the file with DCMTK's
+   ``storescu`` over one association.
+3. Reports the gateway process's peak resident memory (``VmHWM`` in
+   ``/proc/PID/status``) before sending and after the instance was
+   acknowledged, the time from the start of storescu to its exit (which is
+   after the gateway's success response, so it includes the gateway's
+   hashing, fsync and indexing), and MB/s.
+4. Checks the stored file under ``DATA_DIR/store`` holds the same data set,
+   byte for byte: the gateway writes its own file meta group, so the SHA-256
+   of the bytes after each file's meta group is compared (the end of the
+   group is found from its group length, (0002,0000)).
+
+How to read the output
+----------------------
+``peak RSS < 400 MB: PASS`` means the gateway streamed the instance to disk
+instead of holding it (MB here is 10^6 bytes). ``data set identical: yes``
+means bit-exact storage. The exit status is 0 when both hold, 1 when the run
+itself failed (a peer did not start, the send failed, the stored data set
+differs or is missing), 3 when everything worked but the peak RSS was 400 MB
+or more.
+
+The files (the source and the gateway's copy, about 2x ``--gb`` in all) go to
+a temporary folder that is removed at the end; the free space is checked
+first (``df -h``), including the gateway's own 2 GB free-space watermark.
+
+Run it from the repository root with the virtualenv's Python::
+
+    .venv/bin/python ops/bench/bigfile.py
+    .venv/bin/python ops/bench/bigfile.py --gb 2.0 --tmp /var/tmp
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _peers import (  # noqa: E402
+    DCMTK_ENV,
+    STORESCU_OPTIONS,
+    BenchError,
+    GatewayPeer,
+    dcmtk,
+    dcmtk_version,
+    send_parallel,
+    vm_kib,
+)
+
+VL_WSI_STORAGE = "1.2.840.10008.5.1.4.1.1.77.1.6"
+TILE = 512
+FRAME_BYTES = TILE * TILE * 3
+RSS_LIMIT_BYTES = 400 * 10**6
+#: The gateway refuses instances below this free space (gateway.min_free_bytes default).
+GATEWAY_FREE_WATERMARK = 2 * 1024**3
+_CHUNK = 8 * 1024**2
+
+
+@dataclass(frozen=True)
+class Slide:
+    path: Path
+    frames: int
+    tiles_across: int
+    tiles_down: int
+    size: int
+    sop_instance_uid: str
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def _srgb_icc() -> bytes | None:
+    """An sRGB ICC profile (required with RGB, PS3.3 C.11.15), if Pillow's ImageCms is there."""
+    try:
+        from PIL import ImageCms
+
+        return bytes(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    except Exception:  # Pillow or its LittleCMS missing: the slide is still fine for this benchmark
+        return None
+
+
+def _item(**kw: object) -> Dataset:
+    item = Dataset()
+    for k, v in kw.items():
+        setattr(item, k, v)
+    return item
+
+
+def slide_header(frames: int, across: int, down: int, seed: int) -> Dataset:
+    """The WSI data set without Pixel Data (PS3.3 A.32.8, roughly complete)."""
+
+    def uid(part: str) -> str:
+        return str(generate_uid(entropy_srcs=["aigw-bench-bigfile", str(seed), part]))
+
+    now = dt.datetime.now()
+    spacing_mm = 0.00025  # 0.25 um/pixel, a 40x scan
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = UID(VL_WSI_STORAGE)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(uid("instance"))
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    ds.SOPClassUID = VL_WSI_STORAGE
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
+    ds.AccessionNumber = ""
+    ds.Modality = "SM"
+    ds.Manufacturer = "aigw benchmark"
+    ds.ManufacturerModelName = "synthetic slide"
+    ds.DeviceSerialNumber = "aigw-bench"
+    ds.SoftwareVersions = "1"
+    ds.ReferringPhysicianName = ""
+    ds.SeriesDescription = "BENCH WSI"
+    ds.PatientName = "BENCH^BIGFILE"
+    ds.PatientID = "AIGWBENCH02"
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.StudyInstanceUID = uid("study")
+    ds.SeriesInstanceUID = uid("series")
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.FrameOfReferenceUID = uid("frame-of-reference")
+    ds.PositionReferenceIndicator = "SLIDE_CORNER"
+    ds.DimensionOrganizationType = "TILED_FULL"
+    ds.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=uid("dimension-organization"))]
+    ds.ContainerIdentifier = "BENCH-SLIDE-1"
+    ds.IssuerOfTheContainerIdentifierSequence = []
+    ds.ContainerTypeCodeSequence = [_code("433466003", "SCT", "Microscope slide")]
+    ds.AcquisitionContextSequence = []
+    ds.SpecimenDescriptionSequence = [
+        _item(
+            SpecimenIdentifier="BENCH-SPECIMEN-1",
+            SpecimenUID=uid("specimen"),
+            IssuerOfTheSpecimenIdentifierSequence=[],
+            SpecimenPreparationSequence=[],
+        )
+    ]
+    ds.ImagedVolumeWidth = round(across * TILE * spacing_mm, 6)
+    ds.ImagedVolumeHeight = round(down * TILE * spacing_mm, 6)
+    ds.ImagedVolumeDepth = 0.001
+    ds.TotalPixelMatrixColumns = across * TILE
+    ds.TotalPixelMatrixRows = down * TILE
+    ds.TotalPixelMatrixFocalPlanes = 1
+    ds.TotalPixelMatrixOriginSequence = [
+        _item(XOffsetInSlideCoordinateSystem=20.0, YOffsetInSlideCoordinateSystem=40.0)
+    ]
+    ds.ImageOrientationSlide = [0, -1, 0, -1, 0, 0]
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.NumberOfFrames = frames
+    ds.Rows = ds.Columns = TILE
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.VolumetricProperties = "VOLUME"
+    ds.SpecimenLabelInImage = "NO"
+    ds.FocusMethod = "AUTO"
+    ds.ExtendedDepthOfField = "NO"
+    ds.NumberOfOpticalPaths = 1
+    path_item = _item(
+        OpticalPathIdentifier="1",
+        OpticalPathDescription="brightfield",
+        IlluminationTypeCodeSequence=[_code("111744", "DCM", "Brightfield illumination")],
+        IlluminationColorCodeSequence=[_code("414298005", "SCT", "Full Spectrum")],
+    )
+    icc = _srgb_icc()
+    if icc is not None:
+        path_item.ICCProfile = icc
+        path_item.ColorSpace = "SRGB"
+    ds.OpticalPathSequence = [path_item]
+    ds.SharedFunctionalGroupsSequence = [
+        _item(
+            PixelMeasuresSequence=[_item(PixelSpacing=[spacing_mm, spacing_mm], SliceThickness=0.001)],
+            WholeSlideMicroscopyImageFrameTypeSequence=[_item(FrameType=["ORIGINAL", "PRIMARY", "VOLUME", "NONE"])],
+            OpticalPathIdentificationSequence=[_item(OpticalPathIdentifier="1")],
+        )
+    ]
+    return ds
+
+
+def _tiles(seed: int, count: int = 16) -> list[bytes]:
+    """A few tissue-coloured noisy tiles; frames cycle through them."""
+    rng = np.random.default_rng(seed)
+    base = np.array([[233, 150, 190], [120, 60, 160], [245, 240, 245]], dtype=np.int16)  # eosin, haematoxylin, glass
+    out = []
+    for _ in range(count):
+        mix = rng.dirichlet([2, 1, 3])
+        colour = (mix @ base).astype(np.int16)
+        noise = rng.integers(-20, 21, size=(TILE, TILE, 3), dtype=np.int16)
+        out.append(np.clip(colour + noise, 0, 255).astype(np.uint8).tobytes())
+    return out
+
+
+def write_slide(folder: Path, gib: float, seed: int) -> Slide:
+    """Write the slide: pydicom header, then Pixel Data streamed in chunks."""
+    target = max(1, math.ceil(gib * 1024**3 / FRAME_BYTES))
+    across = math.ceil(math.sqrt(target))
+    down = math.ceil(target / across)
+    frames = across * down  # TILED_FULL: every tile of the matrix, row by row
+    length = frames * FRAME_BYTES
+    if length >= 0xFFFFFFFF:
+        raise BenchError(f"{length} bytes of pixel data do not fit a 32-bit element length (use --gb < 4)")
+    ds = slide_header(frames, across, down, seed)
+    path = folder / "slide.dcm"
+    tiles = _tiles(seed)
+    with open(path, "wb") as fh:
+        dcmwrite(fh, ds, enforce_file_format=True)
+        # (7FE0,0010) OB, explicit VR little endian: tag, VR, 2 reserved bytes, 4-byte length (PS3.5 7.1.2)
+        fh.write(b"\xe0\x7f\x10\x00" + b"OB" + b"\x00\x00" + length.to_bytes(4, "little"))
+        buf = bytearray()
+        for f in range(frames):
+            tile = bytearray(tiles[f % len(tiles)])
+            tile[:4] = f.to_bytes(4, "little")  # every frame differs
+            buf += tile
+            if len(buf) >= _CHUNK:
+                fh.write(buf)
+                buf.clear()
+        fh.write(buf)
+    return Slide(path, frames, across, down, path.stat().st_size, str(ds.SOPInstanceUID))
+
+
+def dataset_offset(path: Path) -> int:
+    """Offset of the data set: after the preamble, 'DICM' and the file meta group (PS3.10 7.1)."""
+    with open(path, "rb") as fh:
+        head = fh.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM":
+        raise BenchError(f"{path}: no DICOM preamble")
+    if head[132:136] != b"\x02\x00\x00\x00" or head[136:138] != b"UL":
+        raise BenchError(f"{path}: the file meta group does not start with (0002,0000) UL")
+    return 144 + int.from_bytes(head[140:144], "little")
+
+
+def sha256_from(path: Path, offset: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class RssSampler(threading.Thread):
+    """Samples VmRSS of a process while the instance is sent, for the timeline."""
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self._halt = threading.Event()
+        self._t0 = time.perf_counter()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                self.samples.append((time.perf_counter() - self._t0, vm_kib(self.pid, "VmRSS")))
+            except (OSError, BenchError):
+                return
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+
+
+def _mb(kib: int) -> float:
+    return kib * 1024 / 1e6
+
+
+def _df(path: Path) -> str:
+    try:
+        return subprocess.run(["df", "-h", str(path)], capture_output=True, text=True, timeout=10).stdout.rstrip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "(df failed)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--gb", type=float, default=1.0, help="pixel data size in GiB (default 1.0; < 4)")
+    ap.add_argument(
+        "--tmp",
+        type=Path,
+        default=None,
+        help="work folder parent (default: the system temp dir); needs ~2x --gb + 2 GiB free",
+    )
+    ap.add_argument("--seed", type=int, default=1, help="seed of the tiles and the derived UIDs")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (the 1 GB files)")
+    args = ap.parse_args(argv)
+    if not 0 < args.gb < 4:
+        ap.error("--gb must be > 0 and < 4 (a native Pixel Data element has a 32-bit length)")
+
+    try:
+        for tool in ("storescu", "echoscu"):
+            dcmtk(tool)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    parent = args.tmp or Path(tempfile.gettempdir())
+    print(_df(parent))
+    need = int(2 * args.gb * 1024**3 + GATEWAY_FREE_WATERMARK + 512 * 1024**2)
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        print(
+            f"error: {parent} has {free / 1e9:.1f} GB free; this run needs {need / 1e9:.1f} GB"
+            " (source + stored copy + the gateway's 2 GiB watermark)",
+            file=sys.stderr,
+        )
+        return 1
+
+    root = Path(tempfile.mkdtemp(prefix="aigw-bench-bigfile-", dir=parent))
+    gw: GatewayPeer | None = None
+    try:
+        t0 = time.perf_counter()
+        slide = write_slide(root, args.gb, args.seed)
+        print(
+            f"wrote {slide.path}: {slide.size:,} bytes ({slide.size / 1e9:.3f} GB) in "
+            f"{time.perf_counter() - t0:.1f} s: VL WSI, {slide.frames} frames of {TILE}x{TILE}x3"
+            f" ({slide.tiles_across}x{slide.tiles_down} tiles, TILED_FULL, "
+            f"{slide.tiles_across * TILE}x{slide.tiles_down * TILE} pixels)"
+        )
+        print(
+            f"DCMTK: {dcmtk_version()}; storescu {' '.join(STORESCU_OPTIONS)}; "
+            + (" ".join(f"{k}={v}" for k, v in DCMTK_ENV.items()) or "Nagle on")
+        )
+
+        gw = GatewayPeer(root / "aigw")
+        gw.start()
+        before_hwm = vm_kib(gw.pid, "VmHWM")
+        before_rss = vm_kib(gw.pid, "VmRSS")
+        print(
+            f"aigw pid {gw.pid} listening on 127.0.0.1:{gw.port}; before sending: "
+            f"VmHWM {_mb(before_hwm):.1f} MB, VmRSS {_mb(before_rss):.1f} MB"
+        )
+
+        sampler = RssSampler(gw.pid)
+        sampler.start()
+        try:
+            res = send_parallel(gw.port, gw.called_ae, [[slide.path]], root / "senders", timeout=1800)
+        finally:
+            sampler.stop()
+        if not res.ok:
+            raise BenchError(f"the send failed:\n{res.failure()}\n--- aigw log:\n{gw.log_tail()}")
+        after_hwm = vm_kib(gw.pid, "VmHWM")
+        after_rss = vm_kib(gw.pid, "VmRSS")
+        print(
+            f"sent and acknowledged in {res.seconds:.1f} s: {slide.size / res.seconds / 1e6:.1f} MB/s "
+            "(storescu start to exit, including the gateway's hash, fsync and index)"
+        )
+        print(f"after acknowledgement: VmHWM {_mb(after_hwm):.1f} MB, VmRSS {_mb(after_rss):.1f} MB")
+        if sampler.samples:
+            peak_t, peak = max(sampler.samples, key=lambda s: s[1])
+            print(
+                f"VmRSS sampled every {sampler.interval} s during the send: {len(sampler.samples)} samples, "
+                f"max {_mb(peak):.1f} MB at {peak_t:.1f} s"
+            )
+
+        stored = sorted((gw.data_dir / "store").rglob("*.dcm"))
+        if len(stored) != 1:
+            raise BenchError(f"expected 1 stored instance under {gw.data_dir / 'store'}, found {len(stored)}")
+        src_off, dst_off = dataset_offset(slide.path), dataset_offset(stored[0])
+        src_len, dst_len = slide.size - src_off, stored[0].stat().st_size - dst_off
+        t1 = time.perf_counter()
+        src_hash, dst_hash = sha256_from(slide.path, src_off), sha256_from(stored[0], dst_off)
+        same = src_hash == dst_hash and src_len == dst_len
+        print(f"source data set:  {src_len:,} bytes from offset {src_off}, sha256 {src_hash}")
+        print(f"stored data set:  {dst_len:,} bytes from offset {dst_off}, sha256 {dst_hash}")
+        print(f"data set identical: {'yes' if same else 'NO'} (compared in {time.perf_counter() - t1:.1f} s)")
+
+        print()
+        print(f"peak RSS {_mb(after_hwm):.1f} MB (VmHWM; {_mb(before_hwm):.1f} MB before sending)")
+        rss_ok = after_hwm * 1024 < RSS_LIMIT_BYTES
+        print(f"peak RSS < {RSS_LIMIT_BYTES // 10**6} MB: {'PASS' if rss_ok else 'FAIL'}")
+        print(f"throughput: {slide.size / res.seconds / 1e6:.1f} MB/s")
+        if not same:
+            raise BenchError("the stored data set differs from the one sent")
+        return 0 if rss_ok else 3
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if gw is not None:
+            gw.stop()
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+            print(f"removed {root}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
