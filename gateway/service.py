@@ -151,8 +151,9 @@ class Gateway:
             while not stop.wait(15):
                 try:
                     self.refresh_gauges()
+                    self.data.clean_incoming(older_than=max(3600.0, 4 * self.config.gateway.network_timeout_seconds))
                 except Exception:
-                    log.exception("gauge refresh failed")
+                    log.exception("housekeeping failed")
         finally:
             self.stop()
 

@@ -137,11 +137,22 @@ class DataDir:
         except OSError:
             return False
 
-    def clean_incoming(self) -> int:
-        """Remove partial uploads left by a crash (they were never acknowledged)."""
+    def clean_incoming(self, older_than: float | None = None) -> int:
+        """Remove partial uploads that were never acknowledged.
+
+        At start every file goes (the previous process crashed or stopped);
+        while running, only files untouched for ``older_than`` seconds, which
+        an aborted association left behind (a live upload is written to
+        continuously, so its mtime stays fresh).
+        """
+        import time
+
         n = 0
+        limit = time.time() - older_than if older_than is not None else None
         for p in self.incoming.iterdir():
             try:
+                if limit is not None and p.stat().st_mtime > limit:
+                    continue
                 p.unlink()
                 n += 1
             except OSError:
