@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -38,6 +38,7 @@ __all__ = [
     "InstanceRecord",
     "JobState",
     "RecordOutcome",
+    "Recorded",
     "SendState",
     "SeriesState",
 ]
@@ -69,6 +70,14 @@ class RecordOutcome(str, Enum):
     STORED = "stored"
     DUPLICATE = "duplicate"  # same UID, same bytes: stored once
     CONFLICT = "conflict"  # same UID, different bytes: kept aside
+
+
+class Recorded(NamedTuple):
+    """Outcome of recording an instance, with its series' counters after the write."""
+
+    outcome: RecordOutcome
+    instance_count: int = 0
+    expected_instances: int | None = None
 
 
 metadata = sa.MetaData()
@@ -250,22 +259,22 @@ class Index:
     ) -> RecordOutcome:
         """Index a stored instance and (re)arm its series' completion timer (own transaction)."""
         with self._tx() as conn:
-            return self._record(conn, rec, now, quiet_seconds, reprocess_late)
+            return self._record(conn, rec, now, quiet_seconds, reprocess_late).outcome
 
-    def record_batch(self, items: Sequence[tuple[InstanceRecord, float, float, bool]]) -> list[RecordOutcome]:
+    def record_batch(self, items: Sequence[tuple[InstanceRecord, float, float, bool]]) -> list[Recorded]:
         """Record several instances in one transaction: one lock, one commit (group commit)."""
         with self._tx() as conn:
             return [self._record(conn, rec, now, quiet, late) for rec, now, quiet, late in items]
 
     def _record(
         self, conn: Connection, rec: InstanceRecord, now: float, quiet_seconds: float, reprocess_late: bool
-    ) -> RecordOutcome:
+    ) -> Recorded:
         existing = conn.execute(
             sa.select(instances_t.c.sha256).where(instances_t.c.sop_instance_uid == rec.sop_instance_uid)
         ).first()
         if existing is not None:
             if existing.sha256 == rec.sha256:
-                return RecordOutcome.DUPLICATE
+                return Recorded(RecordOutcome.DUPLICATE)
             conn.execute(
                 conflicts_t.insert().values(
                     sop_instance_uid=rec.sop_instance_uid,
@@ -275,12 +284,12 @@ class Index:
                     received_at=now,
                 )
             )
-            return RecordOutcome.CONFLICT
+            return Recorded(RecordOutcome.CONFLICT)
 
         s = conn.execute(sa.select(series_t).where(series_t.c.series_uid == rec.series_uid)).first()
         deadline = now + quiet_seconds
         if s is None:
-            version = 1
+            version, count, expected = 1, 1, rec.expected_instances
             conn.execute(
                 series_t.insert().values(
                     series_uid=rec.series_uid,
@@ -299,7 +308,8 @@ class Index:
                 )
             )
         else:
-            version = s.version
+            version, count = s.version, s.instance_count + 1
+            expected = s.expected_instances or rec.expected_instances
             values: dict[str, Any] = {
                 "last_arrival": now,
                 "instance_count": s.instance_count + 1,
@@ -337,7 +347,7 @@ class Index:
                 headers=json.dumps(rec.headers, separators=(",", ":"), default=str),
             )
         )
-        return RecordOutcome.STORED
+        return Recorded(RecordOutcome.STORED, count, expected)
 
     # --------------------------------------------------------------- completion
     def hint_complete(self, series_uids: Iterable[str], *, now: float, within: float, cause: str) -> int:
@@ -753,7 +763,7 @@ class GroupCommitter:
     def __init__(self, index: Index, max_batch: int = 64) -> None:
         self.index = index
         self.max_batch = max_batch
-        self._queue: queue.Queue[tuple[tuple[InstanceRecord, float, float, bool], Future[RecordOutcome]] | None]
+        self._queue: queue.Queue[tuple[tuple[InstanceRecord, float, float, bool], Future[Recorded]] | None]
         self._queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="aigw-index-writer", daemon=True)
 
@@ -764,11 +774,11 @@ class GroupCommitter:
         self._queue.put(None)
         self._thread.join(timeout=30)
 
-    def record(self, rec: InstanceRecord, *, now: float, quiet_seconds: float, reprocess_late: bool) -> RecordOutcome:
+    def record(self, rec: InstanceRecord, *, now: float, quiet_seconds: float, reprocess_late: bool) -> Recorded:
         """Record one instance; returns once its transaction has committed."""
         if not self._thread.is_alive():  # not started (tools, tests): plain transaction
-            return self.index.record_instance(rec, now=now, quiet_seconds=quiet_seconds, reprocess_late=reprocess_late)
-        fut: Future[RecordOutcome] = Future()
+            return self.index.record_batch([(rec, now, quiet_seconds, reprocess_late)])[0]
+        fut: Future[Recorded] = Future()
         self._queue.put(((rec, now, quiet_seconds, reprocess_late), fut))
         return fut.result()
 
@@ -797,6 +807,6 @@ class GroupCommitter:
                 log.exception("group commit of %d instance(s) failed; recording them one by one", len(batch))
                 for (rec, now, quiet, late), fut in batch:
                     try:
-                        fut.set_result(self.index.record_instance(rec, now=now, quiet_seconds=quiet, reprocess_late=late))
+                        fut.set_result(self.index.record_batch([(rec, now, quiet, late)])[0])
                     except Exception as exc:
                         fut.set_exception(exc)

@@ -30,7 +30,7 @@ from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[
 from gateway.completion import count_hint, is_slide, slide_pyramid_complete
 from gateway.config import GatewaySettings
 from gateway.headers import routing_headers
-from gateway.index import GroupCommitter, Index, InstanceRecord, RecordOutcome
+from gateway.index import GroupCommitter, Index, InstanceRecord, Recorded, RecordOutcome
 from gateway.metrics import Metrics
 from gateway.status import Rejection, RejectReason, StorageStatus
 from gateway.storage import DataDir, install_file, sha256_file
@@ -364,28 +364,26 @@ class StorageSCP:
                 headers=headers,
                 expected_instances=count_hint(headers, sop_class),
             )
-            outcome = self._writer.record(
+            recorded = self._writer.record(
                 rec,
                 now=now,
                 quiet_seconds=self._quiet_seconds(headers, calling_ae),
                 reprocess_late=self._reprocess_late,
             )
-        if outcome == RecordOutcome.STORED:
+        if recorded.outcome == RecordOutcome.STORED:
             self.metrics.bytes_received.inc(size)
             self.metrics.last_received.set(now)
-            self._after_store(event, series_uid, sop_class)
-        return outcome
+            self._after_store(event, series_uid, sop_class, recorded)
+        return recorded.outcome
 
-    def _after_store(self, event: evt.Event, series_uid: str, sop_class: str) -> None:
+    def _after_store(self, event: evt.Event, series_uid: str, sop_class: str, recorded: Recorded) -> None:
         with self._assoc_lock:
             st = self._assocs.get(id(event.assoc))
             if st is not None:
                 st.series.add(series_uid)
         try:
-            row = self.index.get_series(series_uid)
-            if row is None:
-                return
-            whole = bool(row.expected_instances and row.instance_count >= row.expected_instances)
+            expected = recorded.expected_instances
+            whole = bool(expected and recorded.instance_count >= expected)
             if not whole and is_slide(sop_class):
                 insts = self.index.series_instances(series_uid)
                 whole = slide_pyramid_complete([_json(i.headers) for i in insts])
