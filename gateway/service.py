@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 from gateway import __version__
@@ -27,6 +29,15 @@ from gateway.scu import Sender
 from gateway.storage import DataDir
 
 __all__ = ["Gateway"]
+
+
+@contextmanager
+def _naming_address(host: str, port: int) -> Iterator[None]:
+    """Re-raise a bind failure with the address in it ("Address already in use: 0.0.0.0:11112")."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), f"{host}:{port}") from None
 
 log = logging.getLogger(__name__)
 
@@ -101,20 +112,17 @@ class Gateway:
         if left:
             log.info("removed %d partial upload(s) that were never acknowledged", left)
         if self.config.metrics.enabled:
-            self.http = MetricsServer(
-                self.metrics,
-                self.config.metrics.host,
-                self.config.metrics.port,
-                self.readiness,
-                refresh=self.refresh_gauges,
-            )
+            m = self.config.metrics
+            with _naming_address(m.host, m.port):
+                self.http = MetricsServer(self.metrics, m.host, m.port, self.readiness, refresh=self.refresh_gauges)
             self.http.start()
             log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.http.port)
         self.refresh_gauges()
         self.executor.start()
         self.sender.start()
         self.completer.start()
-        self.scp.start()
+        with _naming_address(self.config.gateway.host, self.config.gateway.port):
+            self.scp.start()
         log.info(
             "aigw %s ready: pipelines %s; %s",
             __version__,
