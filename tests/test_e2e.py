@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,7 +60,7 @@ def test_kill9_mid_job_then_restart_delivers_exactly_once(
     tmp_path: Path, orthanc: Orthanc, make_gateway: Callable[..., GatewayProcess]
 ) -> None:
     gw = make_gateway(
-        extra_toml='[pipelines.test-invert]\nsleep_seconds = 4\n',
+        extra_toml="[pipelines.test-invert]\nsleep_seconds = 4\n",
         destinations=[f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"],
     )
     files = mr_series(tmp_path / "in", n=3, seed=7)
@@ -83,9 +82,7 @@ def test_kill9_mid_series_resumes_completion(
 ) -> None:
     # A quiet period long enough to span the restart: the timer lives in the
     # index, so it resumes rather than completing half a series.
-    gw = make_gateway(
-        destinations=[f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"], series_timeout=12, release_quiet=10
-    )
+    gw = make_gateway(destinations=[f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"], series_timeout=12, release_quiet=10)
     files = mr_series(tmp_path / "in", n=4, seed=9)
     assert storescu(gw.port, files[:2]).returncode == 0
     gw.kill9()  # acknowledged instances must survive
@@ -147,9 +144,7 @@ def test_aborting_destination_is_retried_then_dead_lettered(
     # association: transient for us, retried, then dead-lettered (no endless loop).
     strict = Orthanc(tmp_path / "strict", always_allow_store=False).start()
     try:
-        gw = make_gateway(
-            destinations=[f"ORTHANC@127.0.0.1:{strict.dicom_port}"], extra_toml=""
-        )
+        gw = make_gateway(destinations=[f"ORTHANC@127.0.0.1:{strict.dicom_port}"], extra_toml="")
         files = mr_series(tmp_path / "in", n=1, seed=17)
         assert storescu(gw.port, files).returncode == 0
         wait_for(lambda: [s.state for s in _sends(gw)] == ["dead"], 90, "the send to give up")

@@ -40,20 +40,36 @@ def pg_index() -> Iterator[Index]:
 
 
 def _rec(sop: str, series: str = "1.2.3", sha: str = "a" * 64) -> InstanceRecord:
-    return InstanceRecord(sop, series, "1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1", Path(f"/x/{sop}"),
-                          100, sha, "SCANNER", "MR", {"Modality": "MR"})
+    return InstanceRecord(
+        sop,
+        series,
+        "1.2",
+        "1.2.840.10008.5.1.4.1.1.4",
+        "1.2.840.10008.1.2.1",
+        Path(f"/x/{sop}"),
+        100,
+        sha,
+        "SCANNER",
+        "MR",
+        {"Modality": "MR"},
+    )
 
 
 def test_record_complete_claim_on_postgres(pg_index: Index) -> None:
     now = time.time()
     assert pg_index.record_instance(_rec("1.1"), now=now, quiet_seconds=5, reprocess_late=True) == RecordOutcome.STORED
-    assert pg_index.record_instance(_rec("1.1"), now=now, quiet_seconds=5, reprocess_late=True) == RecordOutcome.DUPLICATE
-    assert pg_index.record_instance(_rec("1.1", sha="b" * 64), now=now, quiet_seconds=5,
-                                    reprocess_late=True) == RecordOutcome.CONFLICT
+    assert (
+        pg_index.record_instance(_rec("1.1"), now=now, quiet_seconds=5, reprocess_late=True) == RecordOutcome.DUPLICATE
+    )
+    assert (
+        pg_index.record_instance(_rec("1.1", sha="b" * 64), now=now, quiet_seconds=5, reprocess_late=True)
+        == RecordOutcome.CONFLICT
+    )
     assert pg_index.due_series(now + 1) == []
     (row,) = pg_index.due_series(now + 6)
-    ids = pg_index.mark_routed(row.series_uid, row.version, [("r1", "p1"), ("r2", "p2")], now=now + 6,
-                               completed_by="timer")
+    ids = pg_index.mark_routed(
+        row.series_uid, row.version, [("r1", "p1"), ("r2", "p2")], now=now + 6, completed_by="timer"
+    )
     assert ids is not None and len(ids) == 2
     assert pg_index.mark_routed(row.series_uid, row.version, [("r1", "p1")], now=now + 7, completed_by="timer") is None
 

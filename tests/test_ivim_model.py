@@ -38,11 +38,13 @@ MODELS = Path(__file__).resolve().parents[1] / "exported_models"
 ONNX_PATH = MODELS / "ivim-net.onnx"
 MANIFEST_PATH = MODELS / "ivim-net.json"
 
-#: An unseen 5-b-value protocol without b = 0 and its NRMSE bounds. They are
-#: looser than setting A's because five b-values, the lowest at 10 s/mm²,
-#: carry much less perfusion information than setting A's eleven.
+#: An unseen 5-b-value protocol without b = 0 and its NRMSE bounds at SNR 20.
+#: They are looser than setting A's because five b-values, the lowest at
+#: 10 s/mm², carry much less perfusion information than setting A's eleven;
+#: the exported model gives D 0.19, f 0.32, D* 0.46 here (lsq-full: 0.43,
+#: 0.88, 1.70), and the bounds leave about 15 % of headroom.
 UNSEEN_BVALUES = np.array([10.0, 40.0, 120.0, 400.0, 800.0])
-UNSEEN_BOUNDS = {"d": 0.20, "f": 0.40, "dstar": 0.50}
+UNSEEN_BOUNDS = {"d": 0.22, "f": 0.36, "dstar": 0.54}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +89,9 @@ def test_unseen_protocol_without_b0(net: IvimNetEstimator) -> None:
     got = {"d": nrmse(p.d, d), "f": nrmse(p.f, f), "dstar": nrmse(p.dstar, dstar)}
     for key, limit in UNSEEN_BOUNDS.items():
         assert got[key] <= limit, f"NRMSE {key} = {got[key]:.3f} > {limit} ({got})"
-    assert nrmse(p.s0 / 750.0, s0) < 0.1
+    assert nrmse(p.s0 / 750.0, s0) < 0.15
+    lsq = FullLsqEstimator().fit(sig, UNSEEN_BVALUES)
+    assert got["d"] < nrmse(lsq.d, d) and got["f"] < nrmse(lsq.f, f) and got["dstar"] < nrmse(lsq.dstar, dstar)
 
 
 def test_net_input_handling(net: IvimNetEstimator) -> None:

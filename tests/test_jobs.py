@@ -28,7 +28,9 @@ def outbox_files(gw: GatewayProcess) -> list[Path]:
     return sorted((gw.data_dir / "outbox").rglob("*.dcm"))
 
 
-def test_association_release_completes_series_early(make_gateway: Callable[..., GatewayProcess], tmp_path: Path) -> None:
+def test_association_release_completes_series_early(
+    make_gateway: Callable[..., GatewayProcess], tmp_path: Path
+) -> None:
     gw = make_gateway(series_timeout=60, release_quiet=0.5)
     t0 = time.time()
     assert storescu(gw.port, mr_series(tmp_path / "s", n=3)).returncode == 0
@@ -105,8 +107,13 @@ def test_input_error_fails_once_and_manual_retry(make_gateway: Callable[..., Gat
     out = gw.cli("jobs", "list")
     assert "failed" in out.stdout and "input rejected" in out.stdout
     assert gw.cli("jobs", "retry", str(job.id)).returncode == 0
-    wait_for(lambda: jobs(gw)[0].attempts == 1 and jobs(gw)[0].state == "failed" and jobs(gw)[0].finished_at > job.finished_at,
-             20, "the retried job to fail again")
+    wait_for(
+        lambda: (
+            jobs(gw)[0].attempts == 1 and jobs(gw)[0].state == "failed" and jobs(gw)[0].finished_at > job.finished_at
+        ),
+        20,
+        "the retried job to fail again",
+    )
     assert gw.cli("jobs", "retry", "999").returncode == 1
 
 

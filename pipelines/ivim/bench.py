@@ -1,0 +1,477 @@
+"""Held-out benchmark of the IVIM network against least-squares baselines.
+
+Usage::
+
+    python -m pipelines.ivim.bench [--model exported_models/ivim-net.onnx]
+        [--retrain-seeds 5] [--retrain-steps N] [--voxels 10000]
+        [--json-out FILE] [--manifest exported_models/ivim-net.json
+        --train-log DIR/ivim-net.train.json]
+
+Setting A: the fixed protocol b = {0, 5, 10, 20, 30, 40, 60, 150, 300, 500,
+700} s/mm², D ~ U[0.5, 3]e-3 mm²/s, f ~ U[0.05, 0.55], D* ~ U[0.01, 0.1]
+mm²/s, S0 = 1, SNR in {15, 20, 30, 50} with sigma = S0 / SNR, Gaussian and
+Rician noise, ``--voxels`` voxels per SNR and noise type, all drawn from
+:data:`~pipelines.ivim.signal.BENCH_TEST_SEED`, which no training run may
+use. The network and both least-squares fits see the same voxels.
+
+Setting B: the same parameter ranges on random protocols of 4 to 20 b-values
+in [0, 1000] (the random branch of
+:func:`~pipelines.ivim.signal.sample_random_protocol`), a fresh protocol for
+every block of 100 voxels; the network's NRMSE is compared with setting A's
+at the same SNR and noise.
+
+The spread over retrainings evaluates networks trained with seeds
+1..``--retrain-seeds`` on the same voxels (trained into ``--retrain-dir`` if
+not already there with the requested step budget).
+
+This is a command-line script, so it prints its tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Throughput is reported for one thread, and the machine is shared. Set
+# only when run as a script (BLAS reads these when numpy is imported), so
+# that importing this module has no side effect.
+if __name__ == "__main__":
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
+
+from pipelines.ivim.fit import (  # noqa: E402
+    LSQ_BOUNDS,
+    FullLsqEstimator,
+    IvimEstimator,
+    IvimNetEstimator,
+    IvimParams,
+    SegmentedLsqEstimator,
+    make_session,
+)
+from pipelines.ivim.signal import (  # noqa: E402
+    BENCH_TEST_SEED,
+    K_MAX,
+    SETTING_A_BVALUES,
+    TEST_RANGES,
+    NoiseType,
+    ProtocolSampling,
+    sample_random_protocol,
+    simulate_protocol,
+)
+
+logger = logging.getLogger(__name__)
+logger.addHandler(logging.NullHandler())
+
+SNRS: tuple[int, ...] = (15, 20, 30, 50)
+#: Targets of setting A at SNR 20 (same keys as the manifest's thresholds).
+THRESHOLDS: dict[str, float] = {
+    "nrmse_d": 0.18,
+    "nrmse_f": 0.22,
+    "nrmse_dstar": 0.39,
+    "abs_rho_dstar_f": 0.22,
+}
+#: Setting B may be at most this factor worse than setting A.
+SETTING_B_MAX_RATIO: float = 1.10
+#: The network must beat least squares at every SNR up to this.
+BEAT_LSQ_MAX_SNR: int = 30
+#: Voxels per random protocol in setting B.
+SETTING_B_BLOCK: int = 100
+DEFAULT_MODEL = Path("exported_models/ivim-net.onnx")
+DEFAULT_RETRAIN_DIR = Path("/tmp/ivim-retrain")
+
+
+def nrmse(estimate: np.ndarray, truth: np.ndarray) -> float:
+    """Root-mean-square error divided by the mean true value."""
+    e = np.asarray(estimate, dtype=np.float64)
+    t = np.asarray(truth, dtype=np.float64)
+    return float(np.sqrt(np.mean((e - t) ** 2)) / np.mean(t))
+
+
+def _rankdata(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged (bounded fits produce ties at the bounds)."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(x.size)
+    ranks[order] = np.arange(x.size, dtype=np.float64)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(inverse, weights=ranks) / counts)[inverse]
+
+
+def abs_spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Absolute Spearman rank correlation (0 if either input is constant)."""
+    ra = _rankdata(np.asarray(a, dtype=np.float64).ravel())
+    rb = _rankdata(np.asarray(b, dtype=np.float64).ravel())
+    ra -= ra.mean()
+    rb -= rb.mean()
+    den = np.sqrt(np.sum(ra**2) * np.sum(rb**2))
+    return float(abs(np.sum(ra * rb) / den)) if den > 0 else 0.0
+
+
+@dataclass
+class Truth:
+    """True parameters of a set of test voxels."""
+
+    d: np.ndarray
+    f: np.ndarray
+    dstar: np.ndarray
+
+
+def score(p: IvimParams, truth: Truth) -> dict[str, float]:
+    """NRMSE of D, f, D* and absolute Spearman correlations of the estimates."""
+    return {
+        "nrmse_d": nrmse(p.d, truth.d),
+        "nrmse_f": nrmse(p.f, truth.f),
+        "nrmse_dstar": nrmse(p.dstar, truth.dstar),
+        "abs_rho_d_dstar": abs_spearman(p.d, p.dstar),
+        "abs_rho_d_f": abs_spearman(p.d, p.f),
+        "abs_rho_dstar_f": abs_spearman(p.dstar, p.f),
+    }
+
+
+def setting_a(n: int, snr: float, noise: NoiseType, seed: int = BENCH_TEST_SEED) -> tuple[np.ndarray, Truth]:
+    """Held-out setting A voxels for one SNR and noise type."""
+    rng = np.random.default_rng([seed, 0, list(NoiseType).index(noise), int(snr)])
+    sig, d, f, dstar, _ = simulate_protocol(rng, SETTING_A_BVALUES, n, snr, noise, TEST_RANGES)
+    return sig, Truth(d, f, dstar)
+
+
+def setting_b(
+    n: int, snr: float, noise: NoiseType, seed: int = BENCH_TEST_SEED
+) -> list[tuple[np.ndarray, np.ndarray, Truth]]:
+    """Held-out setting B blocks ``(bvalues, signals, truth)``, random protocols."""
+    rng = np.random.default_rng([seed, 1, list(NoiseType).index(noise), int(snr)])
+    sampling = ProtocolSampling()
+    blocks = []
+    for start in range(0, n, SETTING_B_BLOCK):
+        m = min(SETTING_B_BLOCK, n - start)
+        b = sample_random_protocol(rng, sampling)
+        sig, d, f, dstar, _ = simulate_protocol(rng, b, m, snr, noise, TEST_RANGES)
+        blocks.append((b, sig, Truth(d, f, dstar)))
+    return blocks
+
+
+def fit_blocks(est: IvimEstimator, blocks: list[tuple[np.ndarray, np.ndarray, Truth]]) -> tuple[IvimParams, Truth]:
+    """Fit each block with its own protocol and concatenate results and truths."""
+    ps = [est.fit(sig, b) for b, sig, _ in blocks]
+
+    def cat(name: str, xs: list) -> np.ndarray:
+        return np.concatenate([getattr(x, name) for x in xs])
+
+    params = IvimParams(*(cat(k, ps) for k in ("d", "dstar", "f", "s0")))
+    truths = [t for _, _, t in blocks]
+    return params, Truth(cat("d", truths), cat("f", truths), cat("dstar", truths))
+
+
+def _retrain(seeds: list[int], steps: int | None, out_dir: Path) -> list[Path]:
+    """Return model paths for ``seeds``, training (sequentially) those missing."""
+    from pipelines.ivim.train import TrainConfig  # torch only when training
+
+    want = steps or TrainConfig.steps
+    paths = []
+    for seed in seeds:
+        d = out_dir / f"seed_{seed}"
+        onnx_path = d / "ivim-net.onnx"
+        log_path = d / "ivim-net.train.json"
+        have = None
+        if onnx_path.exists() and log_path.exists():
+            have = json.loads(log_path.read_text())["config"]["steps"]
+        if have != want:
+            print(f"training seed {seed} ({want} steps) into {d} ...", flush=True)
+            cmd = [
+                sys.executable,
+                "-m",
+                "pipelines.ivim.train",
+                "--seed",
+                str(seed),
+                "--out",
+                str(d),
+                "--steps",
+                str(want),
+            ]
+            subprocess.run(cmd, check=True)
+        paths.append(onnx_path)
+    return paths
+
+
+def _fmt_row(name: str, m: dict[str, float]) -> str:
+    keys = ["nrmse_d", "nrmse_f", "nrmse_dstar", "abs_rho_d_dstar", "abs_rho_d_f", "abs_rho_dstar_f"]
+    return f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |"
+
+
+_HEADER = (
+    "| method | NRMSE D | NRMSE f | NRMSE D* | abs rho(D,D*) | abs rho(D,f) | abs rho(f,D*) |\n"
+    "|---|---|---|---|---|---|---|"
+)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(model: Path, manifest: Path, metrics: dict[str, Any], train_log: dict[str, Any]) -> None:
+    """Write the machine-readable manifest of the exported model.
+
+    Parameters
+    ----------
+    model : pathlib.Path
+        The ``.onnx`` file (the manifest names it relative to its folder).
+    manifest : pathlib.Path
+        Destination JSON.
+    metrics : dict
+        Held-out figures from this benchmark.
+    train_log : dict
+        The ``ivim-net.train.json`` written by the training run of ``model``.
+    """
+    import onnx
+
+    from pipelines.ivim.net import B_SCALE, MAX_POOL_FILL, OUTPUT_BOUNDS, OUTPUT_NAMES, REF_EPS
+
+    g = onnx.load(str(model)).graph
+
+    def io(values: list[onnx.ValueInfoProto]) -> list[dict[str, Any]]:
+        out = []
+        for v in values:
+            dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+            out.append({"name": v.name, "shape": dims, "dtype": dtype})
+        return out
+
+    cfg = train_log["config"]
+    data = {
+        "name": "ivim-net",
+        "version": "1.0.0",
+        "file": model.name,
+        "sha256": sha256_file(model),
+        "inputs": io(list(g.input)),
+        "outputs": io(list(g.output)),
+        "preprocessing": {
+            "k_max": K_MAX,
+            "k_min": 4,
+            "b_range_s_per_mm2": [0.0, 1000.0],
+            "padding": "entries beyond the protocol: signal 0, bvalues 0, mask 0",
+            "mask": "1 = valid entry, 0 = padding",
+            "repeated_bvalues": "averaged before padding (pipelines.ivim.fit.merge_repeated_bvalues)",
+            "order": "any (the network is permutation invariant)",
+            "bvalues_unit": "s/mm2, raw (the graph divides by b_scale)",
+            "b_scale": B_SCALE,
+            "signal_reference": "max of the valid signals, inside the graph",
+            "signal_reference_min": REF_EPS,
+            "signal_normalisation": "signal / reference, inside the graph",
+            "max_pool_fill": MAX_POOL_FILL,
+            "output_columns": list(OUTPUT_NAMES),
+            "output_units": {"d": "mm2/s", "dstar": "mm2/s", "f": "1", "s0": "signal units"},
+            "output_bounds": {
+                "d": [round(v, 10) for v in OUTPUT_BOUNDS[0]],
+                "dstar": [round(v, 10) for v in OUTPUT_BOUNDS[1]],
+                "f": [round(v, 10) for v in OUTPUT_BOUNDS[2]],
+                "s0_over_reference": [round(v, 10) for v in OUTPUT_BOUNDS[3]],
+            },
+        },
+        "training": {
+            "command": train_log["command"],
+            "seed": cfg["seed"],
+            "steps": cfg["steps"],
+            "batch": cfg["batch"],
+            "train_seconds_single_thread": train_log["train_seconds"],
+            "torch": train_log["torch_version"],
+            "data_generator": "pipelines.ivim.signal",
+            "parameters": train_log["distribution"],
+            "loss": "MSE of parameters normalised to the output bounds, weights D, D*, f, S0 = "
+            + ", ".join(str(w) for w in cfg["loss_weights"]),
+            "onnx_max_abs_diff_vs_torch": train_log["onnx_max_abs_diff"],
+        },
+        "metrics": metrics,
+        "thresholds": {"setting_a_snr20": dict(THRESHOLDS)},
+    }
+    manifest.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--retrain-seeds", type=int, default=5, help="0 to skip the spread over seeds")
+    p.add_argument("--retrain-steps", type=int, default=None, help="default: the training default")
+    p.add_argument("--retrain-dir", type=Path, default=DEFAULT_RETRAIN_DIR)
+    p.add_argument("--voxels", type=int, default=10000)
+    p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--manifest", type=Path, default=None)
+    p.add_argument("--train-log", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.manifest is not None and args.train_log is None:
+        p.error("--manifest needs --train-log")
+    n = args.voxels
+    net = IvimNetEstimator(make_session(args.model, threads=1))
+    seg, full = SegmentedLsqEstimator(), FullLsqEstimator()
+    print(f"model {args.model} sha256 {sha256_file(args.model)}")
+    print(f"test seed {BENCH_TEST_SEED}; {n} voxels per SNR and noise type; onnxruntime CPU, 1 thread")
+    print(f"LSQ bounds: {LSQ_BOUNDS}\n")
+
+    others: list[IvimNetEstimator] = []
+    steps_note = ""
+    if args.retrain_seeds > 0:
+        from pipelines.ivim.train import TrainConfig
+
+        steps = args.retrain_steps or TrainConfig.steps
+        steps_note = f"{args.retrain_seeds} retrainings, seeds 1..{args.retrain_seeds}, {steps} steps each" + (
+            "" if steps == TrainConfig.steps else f" (REDUCED from the default {TrainConfig.steps})"
+        )
+        paths = _retrain(list(range(1, args.retrain_seeds + 1)), steps, args.retrain_dir)
+        others = [IvimNetEstimator(make_session(pth, threads=1)) for pth in paths]
+
+    results: dict[str, Any] = {"setting_a": {}, "setting_b": {}, "seeds": {}}
+    timing = {"net": [0.0, 0], "lsq-segmented": [0.0, 0], "lsq-full": [0.0, 0]}
+    checks: list[tuple[str, bool]] = []
+    for noise in NoiseType:
+        print(f"## Setting A, {noise.value} noise\n")
+        res_a: dict[str, dict[str, dict[str, float]]] = {}
+        for snr in SNRS:
+            sig, truth = setting_a(n, snr, noise)
+            row = {}
+            for name, est in (("net", net), ("lsq-segmented", seg), ("lsq-full", full)):
+                t0 = time.perf_counter()
+                prm = est.fit(sig, SETTING_A_BVALUES)
+                timing[name][0] += time.perf_counter() - t0
+                timing[name][1] += n
+                row[name] = score(prm, truth)
+            if others:
+                seed_scores = [score(o.fit(sig, SETTING_A_BVALUES), truth) for o in others]
+                row["seeds_mean"] = {k: float(np.mean([s[k] for s in seed_scores])) for k in seed_scores[0]}
+                row["seeds_std"] = {k: float(np.std([s[k] for s in seed_scores], ddof=1)) for k in seed_scores[0]}
+                results["seeds"][f"{noise.value}_snr{snr}"] = seed_scores
+            res_a[str(snr)] = row
+            print(f"### SNR {snr}\n")
+            print(_HEADER)
+            for name in ("net", "lsq-segmented", "lsq-full"):
+                print(_fmt_row(name, row[name]))
+            if others:
+                keys = ["nrmse_d", "nrmse_f", "nrmse_dstar", "abs_rho_d_dstar", "abs_rho_d_f", "abs_rho_dstar_f"]
+                cells = " | ".join(f"{row['seeds_mean'][k]:.3f} ± {row['seeds_std'][k]:.3f}" for k in keys)
+                print(f"| net, {len(others)} seeds (mean ± std) | {cells} |")
+            print()
+        results["setting_a"][noise.value] = res_a
+        m20 = res_a["20"]["net"]
+        for key, thr in THRESHOLDS.items():
+            checks.append((f"setting A {noise.value} SNR 20 {key} = {m20[key]:.3f} <= {thr}", m20[key] <= thr))
+        for snr in SNRS:
+            if snr > BEAT_LSQ_MAX_SNR:
+                continue
+            r = res_a[str(snr)]
+            ok = all(
+                r["net"][k] < min(r["lsq-segmented"][k], r["lsq-full"][k])
+                for k in ("nrmse_d", "nrmse_f", "nrmse_dstar")
+            )
+            checks.append((f"setting A {noise.value} SNR {snr}: net NRMSE below both LSQ fits (D, f, D*)", ok))
+
+        print(f"## Setting B (random protocols, 4-20 b-values), {noise.value} noise\n")
+        print("Network NRMSE, its ratio to setting A at the same SNR, and for context the same ratio of lsq-full.\n")
+        print(
+            "| SNR | NRMSE D | NRMSE f | NRMSE D* | ratio B/A D | ratio B/A f | ratio B/A D* "
+            "| lsq-full ratio B/A D, f, D* |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        res_b: dict[str, dict[str, Any]] = {}
+        nr_keys = ("nrmse_d", "nrmse_f", "nrmse_dstar")
+        for snr in SNRS:
+            blocks = setting_b(n, snr, noise)
+            prm, truth = fit_blocks(net, blocks)
+            mb = score(prm, truth)
+            ma = res_a[str(snr)]["net"]
+            ratio = {k: mb[k] / ma[k] for k in nr_keys}
+            lsq_b = score(*fit_blocks(full, blocks))
+            lsq_ratio = {k: lsq_b[k] / res_a[str(snr)]["lsq-full"][k] for k in nr_keys}
+            by_k: dict[str, dict[str, float]] = {}
+            for label, lo, hi in (("k4-7", 4, 7), ("k8-13", 8, 13), ("k14-20", 14, 20)):
+                sel = [blk for blk in blocks if lo <= blk[0].size <= hi]
+                if sel:
+                    mk = score(*fit_blocks(net, sel))
+                    by_k[label] = {k: mk[k] for k in nr_keys} | {"protocols": len(sel)}
+            res_b[str(snr)] = {"net": mb, "ratio_to_a": ratio, "lsq_full_ratio_to_a": lsq_ratio, "net_by_k": by_k}
+            print(
+                f"| {snr} | {mb['nrmse_d']:.3f} | {mb['nrmse_f']:.3f} | {mb['nrmse_dstar']:.3f} | "
+                f"{ratio['nrmse_d']:.3f} | {ratio['nrmse_f']:.3f} | {ratio['nrmse_dstar']:.3f} | "
+                + ", ".join(f"{lsq_ratio[k]:.2f}" for k in nr_keys)
+                + " |"
+            )
+            ok = all(v <= SETTING_B_MAX_RATIO for v in ratio.values())
+            text = f"setting B {noise.value} SNR {snr}: NRMSE within {SETTING_B_MAX_RATIO:.2f}x of setting A"
+            checks.append((text, ok))
+        print("\nNetwork NRMSE in setting B by number of b-values (SNR 20):\n")
+        print("| b-values | protocols | NRMSE D | NRMSE f | NRMSE D* |")
+        print("|---|---|---|---|---|")
+        for label, mk in res_b["20"]["net_by_k"].items():
+            print(
+                f"| {label[1:]} | {mk['protocols']} | {mk['nrmse_d']:.3f} | {mk['nrmse_f']:.3f} "
+                f"| {mk['nrmse_dstar']:.3f} |"
+            )
+        results["setting_b"][noise.value] = res_b
+        print()
+
+    # Throughput on a larger batch, where per-call overhead does not dominate.
+    big, _ = setting_a(200_000, 20, NoiseType.GAUSSIAN, seed=BENCH_TEST_SEED + 1)
+    t0 = time.perf_counter()
+    net.fit(big, SETTING_A_BVALUES)
+    net_rate = big.shape[0] / (time.perf_counter() - t0)
+    rates = {
+        "net": net_rate,
+        "lsq-segmented": timing["lsq-segmented"][1] / timing["lsq-segmented"][0],
+        "lsq-full": timing["lsq-full"][1] / timing["lsq-full"][0],
+    }
+    results["voxels_per_second_1_thread"] = rates
+    print("## Throughput (CPU, 1 thread, setting A)\n")
+    for k, v in rates.items():
+        print(f"- {k}: {v:,.0f} voxels/s")
+    if steps_note:
+        print(f"\nSpread over seeds: {steps_note}.")
+        results["seeds_note"] = steps_note
+
+    print("\n## Checks\n")
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {text}")
+    all_ok = all(ok for _, ok in checks)
+    print(f"\nOVERALL: {'PASS' if all_ok else 'FAIL'}")
+    results["checks"] = [{"check": t, "pass": ok} for t, ok in checks]
+    results["test_seed"] = BENCH_TEST_SEED
+    results["voxels_per_snr"] = n
+
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps(results, indent=2) + "\n")
+    if args.manifest is not None:
+        train_log = json.loads(args.train_log.read_text())
+        keep = ("net", "lsq-segmented", "lsq-full", "seeds_mean", "seeds_std")
+        compact = {
+            "test_seed": BENCH_TEST_SEED,
+            "voxels_per_snr": n,
+            "setting_a": {
+                nz: {snr: {m: v for m, v in row.items() if m in keep} for snr, row in res.items()}
+                for nz, res in results["setting_a"].items()
+            },
+            "setting_b": results["setting_b"],
+            "voxels_per_second_1_thread": rates,
+            "seeds_note": steps_note,
+            "checks": results["checks"],
+            "all_checks_pass": all_ok,
+        }
+        write_manifest(args.model, args.manifest, compact, train_log)
+        print(f"wrote {args.manifest}")
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    raise SystemExit(main())

@@ -1,0 +1,486 @@
+"""IVIM parameter estimation: the ONNX network and least-squares baselines.
+
+Three estimators share one interface, :class:`IvimEstimator`, and are picked
+by name with :func:`select_method`:
+
+``net``
+    :class:`IvimNetEstimator`, the exported set network run by onnxruntime.
+``lsq-segmented``
+    :class:`SegmentedLsqEstimator`, the conventional segmented fit.
+``lsq-full``
+    :class:`FullLsqEstimator`, the bounded bi-exponential fit initialised
+    from the segmented one.
+
+Everything here is numpy (and onnxruntime for the network); the least-squares
+fits are vectorised over voxels, so a whole volume is fitted at once. Bounds
+of the least-squares fits are :data:`LSQ_BOUNDS`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from pipelines.ivim.signal import B_MAX, K_MAX, K_MIN
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+logger = logging.getLogger(__name__)
+logger.addHandler(logging.NullHandler())
+
+#: Bounds of the least-squares fits: D and D* in mm²/s; S0 relative to the
+#: largest signal of the voxel. D* starts where D ends so the two
+#: compartments cannot swap.
+LSQ_BOUNDS: dict[str, tuple[float, float]] = {
+    "d": (0.0, 5e-3),
+    "f": (0.0, 1.0),
+    "dstar": (5e-3, 0.3),
+    "s0_rel": (0.0, 10.0),
+}
+#: Segmented fit: D comes from b-values at or above this (s/mm²).
+SEGMENTED_B_THRESHOLD: float = 200.0
+#: Voxels per onnxruntime call.
+NET_BATCH: int = 65536
+#: Tolerance on the b-value range accepted by the network (s/mm²).
+_B_TOL: float = 1e-6
+
+
+class IvimMethod(str, Enum):
+    """Names of the available IVIM estimators."""
+
+    NET = "net"
+    LSQ_SEGMENTED = "lsq-segmented"
+    LSQ_FULL = "lsq-full"
+
+
+@dataclass
+class IvimParams:
+    """Estimated IVIM parameter maps (flattened voxels).
+
+    Attributes
+    ----------
+    d : numpy.ndarray
+        Diffusion coefficient (mm²/s), float32 ``[N]``.
+    dstar : numpy.ndarray
+        Pseudo-diffusion coefficient (mm²/s), float32 ``[N]``.
+    f : numpy.ndarray
+        Perfusion fraction, float32 ``[N]``.
+    s0 : numpy.ndarray
+        Signal at ``b = 0`` (signal units), float32 ``[N]``.
+    """
+
+    d: np.ndarray
+    dstar: np.ndarray
+    f: np.ndarray
+    s0: np.ndarray
+
+    @classmethod
+    def from_arrays(cls, d: np.ndarray, dstar: np.ndarray, f: np.ndarray, s0: np.ndarray) -> "IvimParams":
+        """Build from arrays of any float type, cast to float32."""
+        return cls(*(np.asarray(a, dtype=np.float32) for a in (d, dstar, f, s0)))
+
+
+class IvimEstimator(Protocol):
+    """What every IVIM estimator offers."""
+
+    def fit(self, signals: np.ndarray, bvalues: np.ndarray) -> IvimParams:
+        """Estimate IVIM parameters of ``signals [N, K]`` on ``bvalues [K]``."""
+        ...
+
+
+def merge_repeated_bvalues(signals: np.ndarray, bvalues: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Average the signals of repeated b-values (e.g. several b = 0 images).
+
+    Parameters
+    ----------
+    signals : numpy.ndarray
+        ``[N, K]`` signals.
+    bvalues : numpy.ndarray
+        ``[K]`` b-values (s/mm²).
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(signals [N, K'], bvalues [K'])`` with distinct, sorted b-values.
+    """
+    b = np.asarray(bvalues, dtype=np.float64).ravel()
+    s = np.asarray(signals, dtype=np.float64)
+    if s.ndim != 2 or s.shape[1] != b.size:
+        raise ValueError(f"signals must be [N, {b.size}] for {b.size} b-values, got {s.shape}")
+    uniq, inverse = np.unique(b, return_inverse=True)
+    if uniq.size == b.size:
+        order = np.argsort(b)
+        return s[:, order], b[order]
+    out = np.zeros((s.shape[0], uniq.size))
+    np.add.at(out.T, inverse, s.T)
+    out /= np.bincount(inverse, minlength=uniq.size)[None, :]
+    return out, uniq
+
+
+def _check_protocol(bvalues: np.ndarray) -> None:
+    """Raise ``ValueError`` if the network was not trained for this protocol."""
+    k = bvalues.size
+    if not K_MIN <= k <= K_MAX:
+        raise ValueError(f"the IVIM network needs {K_MIN} to {K_MAX} distinct b-values, got {k}")
+    if bvalues.min() < -_B_TOL or bvalues.max() > B_MAX + _B_TOL:
+        raise ValueError(f"b-values must lie in [0, {B_MAX:g}] s/mm2, got [{bvalues.min():g}, {bvalues.max():g}]")
+
+
+def make_session(path: str | Path, threads: int = 1) -> "onnxruntime.InferenceSession":
+    """Open an ONNX model on the CPU with a fixed number of threads.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The ``.onnx`` file.
+    threads : int
+        Intra- and inter-op threads.
+
+    Returns
+    -------
+    onnxruntime.InferenceSession
+        The session.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+class IvimNetEstimator:
+    """Run the exported IVIM set network.
+
+    The ONNX graph does its own normalisation (see
+    :mod:`pipelines.ivim.net`); this wrapper merges repeated b-values, checks
+    the protocol, pads to ``K_MAX`` with ``b = 0``, ``signal = 0`` and
+    ``mask = 0``, and runs the voxels in batches of :data:`NET_BATCH`.
+    Voxels with a non-finite signal get NaN parameters.
+
+    Parameters
+    ----------
+    session : onnxruntime.InferenceSession
+        Session on ``ivim-net.onnx`` (inputs ``signal``, ``bvalues``,
+        ``mask``, each float32 ``[N, 20]``; output ``params`` float32
+        ``[N, 4]`` = D, D*, f, S0).
+    batch : int
+        Voxels per call.
+    """
+
+    INPUT_NAMES: tuple[str, str, str] = ("signal", "bvalues", "mask")
+
+    def __init__(self, session: "onnxruntime.InferenceSession", batch: int = NET_BATCH) -> None:
+        names = {i.name for i in session.get_inputs()}
+        if names != set(self.INPUT_NAMES):
+            raise ValueError(f"model inputs are {sorted(names)}, expected {list(self.INPUT_NAMES)}")
+        self.session = session
+        self.batch = batch
+
+    def fit(self, signals: np.ndarray, bvalues: np.ndarray) -> IvimParams:
+        """Estimate IVIM parameters.
+
+        Parameters
+        ----------
+        signals : numpy.ndarray
+            ``[N, K]`` magnitude signals.
+        bvalues : numpy.ndarray
+            ``[K]`` b-values (s/mm²), 4 to 20 distinct values in [0, 1000]
+            after repeated values are averaged.
+
+        Returns
+        -------
+        IvimParams
+            The parameter estimates.
+        """
+        s, b = merge_repeated_bvalues(signals, bvalues)
+        _check_protocol(b)
+        n, k = s.shape
+        finite = np.all(np.isfinite(s), axis=1)
+        b_pad = np.zeros((1, K_MAX), dtype=np.float32)
+        b_pad[0, :k] = b
+        m_pad = np.zeros((1, K_MAX), dtype=np.float32)
+        m_pad[0, :k] = 1.0
+        out = np.empty((n, 4), dtype=np.float32)
+        for start in range(0, n, self.batch):
+            stop = min(start + self.batch, n)
+            chunk = np.zeros((stop - start, K_MAX), dtype=np.float32)
+            chunk[:, :k] = np.where(finite[start:stop, None], s[start:stop], 0.0)
+            m = stop - start
+            out[start:stop] = self.session.run(
+                ["params"],
+                {
+                    "signal": chunk,
+                    "bvalues": np.broadcast_to(b_pad, (m, K_MAX)).copy(),
+                    "mask": np.broadcast_to(m_pad, (m, K_MAX)).copy(),
+                },
+            )[0]
+        out[~finite] = np.nan
+        return IvimParams(out[:, 0], out[:, 1], out[:, 2], out[:, 3])
+
+
+def _log_linear(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares line ``y = a + c x`` for every row of ``y``; returns ``(a, c)``."""
+    xm = x.mean()
+    xc = x - xm
+    c = (y - y.mean(axis=1, keepdims=True)) @ xc / np.sum(xc**2)
+    a = y.mean(axis=1) - c * xm
+    return a, c
+
+
+class SegmentedLsqEstimator:
+    """Conventional segmented IVIM fit, vectorised over voxels.
+
+    1. D and the intercept from a mono-exponential fit of the b-values at or
+       above :data:`SEGMENTED_B_THRESHOLD` (the two highest b-values if fewer
+       than two qualify): a log-linear least-squares start refined by
+       bounded Gauss-Newton steps on the signal.
+    2. S0 is the signal at the lowest b-value (which is biased low when the
+       protocol has no ``b = 0``), and ``f = 1 - intercept / S0``, clipped to
+       ``[0, 1]``.
+    3. D* by bounded least squares on all b-values with D, f and S0 fixed: a
+       log-spaced grid search over the D* bounds refined by a few projected
+       Gauss-Newton steps.
+
+    Bounds are :data:`LSQ_BOUNDS`.
+
+    Parameters
+    ----------
+    grid : int
+        Number of grid points of the D* search.
+    """
+
+    def __init__(self, grid: int = 120) -> None:
+        self.grid = grid
+
+    def fit(self, signals: np.ndarray, bvalues: np.ndarray) -> IvimParams:
+        """Estimate IVIM parameters of ``signals [N, K]`` on ``bvalues [K]``."""
+        s, b = merge_repeated_bvalues(signals, bvalues)
+        d, dstar, f, s0 = self._fit(s, b)
+        return IvimParams.from_arrays(d, dstar, f, s0)
+
+    def _fit(self, s: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if b.size < 3:
+            raise ValueError(f"a segmented IVIM fit needs at least 3 b-values, got {b.size}")
+        scale = np.maximum(np.max(s, axis=1), 1e-12)
+        y = s / scale[:, None]
+        hi = b >= SEGMENTED_B_THRESHOLD
+        if hi.sum() < 2:
+            hi = np.zeros_like(hi)
+            hi[np.argsort(b)[-2:]] = True
+        d, intercept = self._fit_d(y[:, hi], b[hi])
+        s0 = np.maximum(y[:, np.argmin(b)], 1e-6)
+        f = np.clip(1.0 - intercept / s0, *LSQ_BOUNDS["f"])
+        dstar = self._fit_dstar(y, b, d, f, s0)
+        return d, dstar, f, s0 * scale
+
+    @staticmethod
+    def _fit_d(y: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mono-exponential fit ``A exp(-b D)`` of the high-b signals.
+
+        A log-linear least-squares fit gives the start; since the log
+        amplifies the noise of the small high-b signals, a few projected
+        Gauss-Newton steps on the signal itself (with A in closed form for
+        each D) then finish the least-squares fit.
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            ``(D, A)`` per voxel.
+        """
+        lo_d, hi_d = LSQ_BOUNDS["d"]
+        # Noise can make high-b magnitudes tiny or (Gaussian) negative; the
+        # floor keeps the log finite.
+        logy = np.log(np.maximum(y, 1e-3))
+        _, slope = _log_linear(b, logy)
+        d = np.clip(-slope, lo_d, hi_d)
+
+        def amp_cost(dd: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            e = np.exp(-dd[:, None] * b)
+            a = np.maximum(np.sum(y * e, axis=1) / np.sum(e * e, axis=1), 0.0)
+            return a, e, np.sum((y - a[:, None] * e) ** 2, axis=1)
+
+        a, e, cost = amp_cost(d)
+        for _ in range(8):
+            r = y - a[:, None] * e
+            jac = -a[:, None] * b * e
+            den = np.sum(jac**2, axis=1)
+            step = np.where(den > 0, np.sum(jac * r, axis=1) / np.maximum(den, 1e-30), 0.0)
+            cand = np.clip(d + step, lo_d, hi_d)
+            ca, ce, ccost = amp_cost(cand)
+            take = ccost < cost
+            d = np.where(take, cand, d)
+            a = np.where(take, ca, a)
+            e = np.where(take[:, None], ce, e)
+            cost = np.where(take, ccost, cost)
+        return d, a
+
+    def _fit_dstar(self, y: np.ndarray, b: np.ndarray, d: np.ndarray, f: np.ndarray, s0: np.ndarray) -> np.ndarray:
+        """Bounded least-squares D* with D, f and S0 fixed."""
+        lo, hi = LSQ_BOUNDS["dstar"]
+        resid0 = y - (s0 * (1.0 - f))[:, None] * np.exp(-np.outer(d, b))
+        amp = (s0 * f)[:, None]
+        grid = np.geomspace(lo, hi, self.grid)
+        best = np.full(y.shape[0], np.inf)
+        dstar = np.full(y.shape[0], grid[0])
+        for g in grid:
+            cost = np.sum((resid0 - amp * np.exp(-g * b)) ** 2, axis=1)
+            better = cost < best
+            best = np.where(better, cost, best)
+            dstar = np.where(better, g, dstar)
+        for _ in range(5):
+            e = np.exp(-dstar[:, None] * b)
+            r = resid0 - amp * e
+            jac = -amp * b * e
+            den = np.sum(jac**2, axis=1)
+            step = np.where(den > 0, np.sum(jac * r, axis=1) / np.maximum(den, 1e-30), 0.0)
+            cand = np.clip(dstar + step, lo, hi)
+            new_cost = np.sum((resid0 - amp * np.exp(-cand[:, None] * b)) ** 2, axis=1)
+            take = new_cost < best
+            dstar = np.where(take, cand, dstar)
+            best = np.where(take, new_cost, best)
+        return dstar
+
+
+class FullLsqEstimator:
+    """Bounded bi-exponential least-squares IVIM fit, vectorised over voxels.
+
+    Fits S0, f, D and D* jointly by a projected Levenberg-Marquardt method
+    (Marquardt's diagonal scaling, steps clipped to :data:`LSQ_BOUNDS`, a
+    step kept only if it lowers the voxel's cost), started from
+    :class:`SegmentedLsqEstimator`. Each voxel has its own damping.
+
+    Parameters
+    ----------
+    max_iter : int
+        Maximum iterations.
+    tol : float
+        Stop when no voxel's relative cost decrease exceeds this.
+    """
+
+    def __init__(self, max_iter: int = 100, tol: float = 1e-10) -> None:
+        self.max_iter = max_iter
+        self.tol = tol
+        self._segmented = SegmentedLsqEstimator()
+
+    def fit(self, signals: np.ndarray, bvalues: np.ndarray) -> IvimParams:
+        """Estimate IVIM parameters of ``signals [N, K]`` on ``bvalues [K]``."""
+        s, b = merge_repeated_bvalues(signals, bvalues)
+        if b.size < 4:
+            raise ValueError(f"a full IVIM fit needs at least 4 b-values, got {b.size}")
+        d, dstar, f, s0 = self._segmented._fit(s, b)
+        scale = np.maximum(np.max(s, axis=1), 1e-12)
+        y = s / scale[:, None]
+        # Parameters are scaled to similar magnitudes (S0/max, f, D*1e3,
+        # D**1e2) so one damping value suits all four.
+        unit = np.array([1.0, 1.0, 1e-3, 1e-2])
+        lo = np.array([LSQ_BOUNDS["s0_rel"][0], LSQ_BOUNDS["f"][0], LSQ_BOUNDS["d"][0], LSQ_BOUNDS["dstar"][0]]) / unit
+        hi = np.array([LSQ_BOUNDS["s0_rel"][1], LSQ_BOUNDS["f"][1], LSQ_BOUNDS["d"][1], LSQ_BOUNDS["dstar"][1]]) / unit
+        theta = np.stack([s0 / scale, f, d, dstar], axis=1) / unit
+        theta = np.clip(theta, lo, hi)
+        theta = self._levenberg_marquardt(y, b, theta, lo, hi, unit)
+        p = theta * unit
+        return IvimParams.from_arrays(p[:, 2], p[:, 3], p[:, 1], p[:, 0] * scale)
+
+    @staticmethod
+    def _model(theta: np.ndarray, b: np.ndarray, unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Model signal ``[N, K]`` and Jacobian ``[N, K, 4]`` in scaled parameters."""
+        s0, f, d, ds = (theta * unit).T
+        e1 = np.exp(-ds[:, None] * b)
+        e2 = np.exp(-d[:, None] * b)
+        model = s0[:, None] * (f[:, None] * e1 + (1.0 - f[:, None]) * e2)
+        jac = (
+            np.stack(
+                [
+                    f[:, None] * e1 + (1.0 - f[:, None]) * e2,
+                    s0[:, None] * (e1 - e2),
+                    -(s0 * (1.0 - f))[:, None] * b * e2,
+                    -(s0 * f)[:, None] * b * e1,
+                ],
+                axis=2,
+            )
+            * unit
+        )
+        return model, jac
+
+    def _levenberg_marquardt(
+        self,
+        y: np.ndarray,
+        b: np.ndarray,
+        theta: np.ndarray,
+        lo: np.ndarray,
+        hi: np.ndarray,
+        unit: np.ndarray,
+    ) -> np.ndarray:
+        model, jac = self._model(theta, b, unit)
+        r = y - model
+        cost = np.sum(r**2, axis=1)
+        lam = np.full(y.shape[0], 1e-3)
+        eye = np.eye(4)
+        stall = 0
+        for _ in range(self.max_iter):
+            jtj = np.einsum("nki,nkj->nij", jac, jac)
+            g = np.einsum("nki,nk->ni", jac, r)
+            diag = np.einsum("nii->ni", jtj)
+            # Marquardt scaling plus a tiny absolute term: with f = 0 the D*
+            # column is zero and the system would otherwise be singular.
+            damp = lam[:, None] * (diag + 1e-9)
+            a = jtj + damp[:, :, None] * eye
+            step = np.linalg.solve(a, g[:, :, None])[:, :, 0]
+            cand = np.clip(theta + step, lo, hi)
+            cmodel, cjac = self._model(cand, b, unit)
+            cr = y - cmodel
+            ccost = np.sum(cr**2, axis=1)
+            better = ccost < cost
+            gain = np.where(better, (cost - ccost) / np.maximum(cost, 1e-30), 0.0)
+            theta = np.where(better[:, None], cand, theta)
+            r = np.where(better[:, None], cr, r)
+            jac = np.where(better[:, None, None], cjac, jac)
+            cost = np.where(better, ccost, cost)
+            lam = np.clip(np.where(better, lam / 3.0, lam * 4.0), 1e-9, 1e9)
+            # A rejected step raises the damping and may succeed next time,
+            # so stop only after several iterations without real progress.
+            stall = 0 if np.any(gain > self.tol) else stall + 1
+            if stall >= 5:
+                break
+        return theta
+
+
+def select_method(name: IvimMethod | str, session: "onnxruntime.InferenceSession | None" = None) -> IvimEstimator:
+    """Return the estimator called ``name``.
+
+    Parameters
+    ----------
+    name : IvimMethod or str
+        ``"net"``, ``"lsq-segmented"`` or ``"lsq-full"``.
+    session : onnxruntime.InferenceSession, optional
+        Needed for ``"net"``.
+
+    Returns
+    -------
+    IvimEstimator
+        The estimator.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, or ``"net"`` without a session.
+    """
+    try:
+        method = IvimMethod(name)
+    except ValueError:
+        known = ", ".join(m.value for m in IvimMethod)
+        raise ValueError(f"unknown IVIM method {name!r}; expected one of: {known}") from None
+    if method is IvimMethod.NET:
+        if session is None:
+            raise ValueError("the 'net' IVIM method needs an onnxruntime session")
+        return IvimNetEstimator(session)
+    if method is IvimMethod.LSQ_SEGMENTED:
+        return SegmentedLsqEstimator()
+    return FullLsqEstimator()
