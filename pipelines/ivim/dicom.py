@@ -21,11 +21,9 @@ import highdicom as hd
 import numpy as np
 from highdicom.sr import CodeContentItem, TextContentItem
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
 from gateway.contract import RunContext
+from pipelines._derived import DerivedImage, derived_mr_image
 from pipelines.ivim.preprocess import DwiVolume
 
 __all__ = ["PARAMETERS", "Parameter", "derived_mr_series", "parametric_map"]
@@ -184,82 +182,21 @@ def derived_mr_series(
         slope = p.slope
         if slope == 0.0:  # S0: scale to the 16-bit range of this series
             slope = max(float(values.max()) / 60000.0, 1e-6)
-        center, width = p.window if p.window[1] > 0 else (float(values.max()) / 2, float(values.max()) or 1.0)
-        series_uid = ctx.uid(f"mr/{p.key}/series")
+        window = p.window if p.window[1] > 0 else (float(values.max()) / 2, float(values.max()) or 1.0)
         for z, (geom, src) in enumerate(zip(volume.geometry, volume.sources)):
-            ds = Dataset()
-            for kw in (
-                "PatientName",
-                "PatientID",
-                "PatientBirthDate",
-                "PatientSex",
-                "StudyInstanceUID",
-                "StudyDate",
-                "StudyTime",
-                "StudyID",
-                "AccessionNumber",
-                "ReferringPhysicianName",
-                "FrameOfReferenceUID",
-                "PositionReferenceIndicator",
-                "BodyPartExamined",
-                "MagneticFieldStrength",
-                "PatientPosition",
-                "ScanningSequence",
-                "SequenceVariant",
-                "ScanOptions",
-                "MRAcquisitionType",
-                "RepetitionTime",
-                "EchoTime",
-                "EchoTrainLength",
-                "ImagedNucleus",
-                "ImagingFrequency",
-            ):
-                if kw in src:
-                    ds[kw] = src[kw]
-            ds.SOPClassUID = MRImageStorage
-            ds.SOPInstanceUID = ctx.uid(f"mr/{p.key}/instance/{z}")
-            ds.SeriesInstanceUID = series_uid
-            ds.Modality = "MR"
-            ds.SeriesNumber = _series_number(src, 2 + pi)
-            ds.InstanceNumber = z + 1
-            ds.SeriesDescription = f"IVIM {p.label} AI ({description})"[:64]
-            ds.ImageType = ["DERIVED", "SECONDARY", "DIFFUSION", p.label]
-            ds.DerivationDescription = f"{p.explanation}; {description}"[:1024]
-            ds.DerivationCodeSequence = DicomSequence([DERIVATION])
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = src.SOPClassUID
-            ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
-            ds.SourceImageSequence = DicomSequence([ref])
-            ds.Manufacturer = ctx.identity.manufacturer
-            ds.ManufacturerModelName = ctx.identity.model_name
-            ds.SoftwareVersions = ctx.identity.software_version
-            ds.DeviceSerialNumber = ctx.identity.device_serial_number
-            ds.SeriesDate = ds.ContentDate = src.get("StudyDate", "")
-            ds.SeriesTime = ds.ContentTime = src.get("StudyTime", "")
-            ds.ImagePositionPatient = list(geom.position)
-            ds.ImageOrientationPatient = list(geom.orientation)
-            ds.PixelSpacing = list(geom.pixel_spacing)
-            if geom.slice_thickness:
-                ds.SliceThickness = geom.slice_thickness
-            ds.ScanningSequence = src.get("ScanningSequence", "RM")
-            ds.SequenceVariant = src.get("SequenceVariant", "NONE")
-            ds.ScanOptions = src.get("ScanOptions", "")
-            ds.MRAcquisitionType = src.get("MRAcquisitionType", "2D")
-            ds.EchoTrainLength = src.get("EchoTrainLength", 1)
-            ds.SamplesPerPixel = 1
-            ds.PhotometricInterpretation = "MONOCHROME2"
-            ds.Rows, ds.Columns = values.shape[1:]
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-            stored = np.clip(np.rint(values[z] / slope), 0, 65535).astype("<u2")
-            ds.PixelData = stored.tobytes()
-            ds.RescaleSlope = f"{slope:.6g}"
-            ds.RescaleIntercept = "0"
-            ds.RescaleType = "US"  # unspecified: real units are in the description and the PM
-            ds.WindowCenter = f"{center:.6g}"
-            ds.WindowWidth = f"{width:.6g}"
-            ds.VOILUTFunction = "LINEAR_EXACT"  # windows narrower than 1 in real units
-            meta = FileMetaDataset()
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.file_meta = meta
-            out.append(ds)
+            img = DerivedImage(
+                series_uid=ctx.uid(f"mr/{p.key}/series"),
+                sop_uid=ctx.uid(f"mr/{p.key}/instance/{z}"),
+                series_number=_series_number(src, 2 + pi),
+                instance_number=z + 1,
+                description=f"IVIM {p.label} AI ({description})",
+                image_type=("DIFFUSION", p.label),
+                derivation=DERIVATION,
+                derivation_description=f"{p.explanation}; {description}",
+                pixels=np.clip(np.rint(values[z] / slope), 0, 65535).astype(np.uint16),
+                geometry=geom,
+                window=window,
+                rescale_slope=slope,
+            )
+            out.append(derived_mr_image(src, ctx, img))
     return out
