@@ -298,6 +298,10 @@ class RunContext:
         ``progress(fraction, message)`` with fraction in [0, 1].
     model_versions : mapping of str to str
         Version of each declared model, for derivation descriptions.
+    flag : callable
+        ``flag(kind, count)`` counts events operations should see, such as
+        slices failing a consistency check; exported as
+        ``aigw_pipeline_flags_total{pipeline, kind}``. Use a few fixed kinds.
     """
 
     sessions: Mapping[str, onnxruntime.InferenceSession]
@@ -310,6 +314,7 @@ class RunContext:
     )
     progress: Callable[[float, str], None] = lambda fraction, message: None
     model_versions: Mapping[str, str] = field(default_factory=dict)
+    flag: Callable[[str, int], None] = lambda kind, count: None
 
 
 @runtime_checkable

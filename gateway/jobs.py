@@ -135,6 +135,7 @@ class JobRunner:
                 log=jlog,
                 progress=lambda f, m: jlog.debug("progress %.0f%% %s", 100 * f, m),
                 model_versions=model_versions,
+                flag=lambda kind, n: self.metrics.pipeline_flags.labels(pipeline=job.pipeline, kind=kind[:32]).inc(n),
             )
             jlog.info(
                 "running on series %s v%d (%d instances)",

@@ -80,6 +80,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.pipeline_flags = Counter(
+            "aigw_pipeline_flags_total",
+            "Events a pipeline flagged for attention (e.g. slices failing a consistency check)",
+            ["pipeline", "kind"],
+            registry=r,
+        )
         self.queue_depth = Gauge("aigw_jobs_queued", "Jobs waiting to run", registry=r)
         self.jobs_running = Gauge("aigw_jobs_running", "Jobs running", registry=r)
         self.sends = Counter(
