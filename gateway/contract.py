@@ -53,9 +53,10 @@ if TYPE_CHECKING:
     from pydicom import Dataset
 
 __all__ = [
+    "DemoCapable",
+    "Frame",
     "Geometry",
     "Identity",
-    "DemoCapable",
     "Instance",
     "InputError",
     "ModelSpec",
@@ -156,6 +157,50 @@ def _geometry(ds: Mapping[str, Any]) -> Geometry | None:
 
 
 @dataclass(frozen=True)
+class Frame:
+    """One 2D frame of an instance: pixels with the modality LUT applied, and where it lies.
+
+    ``group(name)`` returns a functional group macro of the frame (per-frame
+    first, then shared; PS3.3 C.7.6.16) of enhanced multi-frame images, and
+    None for classic images; ``header`` is the instance's data set.
+    """
+
+    index: int
+    pixels: np.ndarray
+    geometry: Geometry | None
+    group: Callable[[str], Dataset | None]
+    header: Dataset
+
+
+def _no_groups(name: str) -> Dataset | None:
+    return None
+
+
+def _group_lookup(item: Dataset, shared: Dataset | None) -> Callable[[str], Dataset | None]:
+    def group(name: str) -> Dataset | None:
+        for src in (item, shared):
+            if src is not None and name in src and src[name].value:
+                return src[name].value[0]  # type: ignore[no-any-return]
+        return None
+
+    return group
+
+
+def _frame_geometry(group: Callable[[str], Dataset | None]) -> Geometry | None:
+    pos, ori, meas = (group(n) for n in ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence"))
+    if pos is None or ori is None or meas is None:
+        return None
+    return _geometry(
+        {
+            "ImagePositionPatient": pos.get("ImagePositionPatient"),
+            "ImageOrientationPatient": ori.get("ImageOrientationPatient"),
+            "PixelSpacing": meas.get("PixelSpacing"),
+            "SliceThickness": meas.get("SliceThickness"),
+        }
+    )
+
+
+@dataclass(frozen=True)
 class Instance:
     """One stored instance of a series: its file and the headers the index kept.
 
@@ -191,6 +236,36 @@ class Instance:
     def geometry(self) -> Geometry | None:
         """Plane geometry for single-frame cross-sectional images, else None."""
         return _geometry(self.headers)
+
+    def frames(self) -> Iterator[Frame]:
+        """Every frame with its geometry, for classic and enhanced multi-frame images alike.
+
+        Pixels are float32 with rescale applied, ``(rows, columns)`` for
+        grayscale or ``(rows, columns, samples)`` for colour.
+        """
+        ds = self.dataset()
+        arr = ds.pixel_array.astype(np.float32)
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+        if per_frame:
+            shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None
+            n = int(ds.get("NumberOfFrames", 1) or 1)
+            frames = arr if n > 1 else arr[None]
+            for i, item in enumerate(per_frame):
+                group = _group_lookup(item, shared)
+                trans = group("PixelValueTransformationSequence")
+                s = float(trans.get("RescaleSlope", 1) or 1) if trans is not None else slope
+                b = float(trans.get("RescaleIntercept", 0) or 0) if trans is not None else intercept
+                yield Frame(i, frames[i] * np.float32(s) + np.float32(b), _frame_geometry(group), group, ds)
+            return
+        pixels = arr * np.float32(slope) + np.float32(intercept)
+        n = int(ds.get("NumberOfFrames", 1) or 1)
+        if n > 1:  # multi-frame without functional groups: no per-frame geometry
+            for i in range(n):
+                yield Frame(i, pixels[i], None, _no_groups, ds)
+        else:
+            yield Frame(0, pixels, self.geometry, _no_groups, ds)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ import json
 import logging
 import queue
 import threading
-from concurrent.futures import Future
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum

@@ -201,7 +201,8 @@ class ModelRegistry:
                 reason = (
                     None
                     if digest == m.sha256
-                    else f"model file {m.file} sha256 {digest[:12]}... does not match manifest {m.sha256[:12]}...: refused"
+                    else f"model file {m.file} sha256 {digest[:12]}... does not match manifest "
+                    f"{m.sha256[:12]}...: refused"
                 )
         except ModelError as exc:
             reason = str(exc)

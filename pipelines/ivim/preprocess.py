@@ -91,51 +91,19 @@ def _direction(ds: Dataset) -> tuple[float, ...]:
     return tuple(round(float(v), 3) for v in g) if g is not None else ()
 
 
-def _functional_group(item: Dataset, shared: Dataset, name: str) -> Dataset | None:
-    """A functional group macro of a frame, per-frame first, then shared (PS3.3 C.7.6.16)."""
-    for src in (item, shared):
-        if name in src and src[name].value:
-            return src[name].value[0]  # type: ignore[no-any-return]
-    return None
-
-
-def _frames(inst: Instance, ds: Dataset) -> Iterator[tuple[float | None, tuple[float, ...], Geometry, np.ndarray]]:
+def _frames(inst: Instance) -> Iterator[tuple[float | None, tuple[float, ...], Geometry, np.ndarray]]:
     """(b, direction, geometry, image) for every frame of an instance."""
-    arr = ds.pixel_array.astype(np.float32)
-    if ds.get("SamplesPerPixel", 1) != 1:
-        raise InputError("colour images are not diffusion-weighted MR")
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    arr = arr * np.float32(slope) + np.float32(intercept)
-    if "PerFrameFunctionalGroupsSequence" in ds:
-        shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else Dataset()
-        frames = arr if arr.ndim == 3 else arr[None]
-        for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
-            diff, pos, ori, meas = (
-                _functional_group(item, shared, n)
-                for n in (
-                    "MRDiffusionSequence",
-                    "PlanePositionSequence",
-                    "PlaneOrientationSequence",
-                    "PixelMeasuresSequence",
-                )
-            )
-            if pos is None or ori is None or meas is None:
-                raise InputError("enhanced image lacks plane position, orientation or pixel measures")
-            geom = Geometry(
-                tuple(float(v) for v in pos.ImagePositionPatient),  # type: ignore[arg-type]
-                tuple(float(v) for v in ori.ImageOrientationPatient),  # type: ignore[arg-type]
-                (float(meas.PixelSpacing[0]), float(meas.PixelSpacing[1])),
-                float(meas.SliceThickness) if meas.get("SliceThickness") else None,
-            )
-            b = _clean_b(diff.DiffusionBValue) if diff is not None and "DiffusionBValue" in diff else None
-            yield b, (_direction(diff) if diff is not None else ()), geom, frames[i]
-        return
-    g = inst.geometry
-    if g is None:
-        raise InputError("image lacks position, orientation or pixel spacing")
-    geom = g
-    yield _bvalue(ds), _direction(ds), geom, arr if arr.ndim == 2 else arr[0]
+    for frame in inst.frames():
+        if frame.pixels.ndim != 2:
+            raise InputError("colour images are not diffusion-weighted MR")
+        if frame.geometry is None:
+            raise InputError("an image lacks position, orientation or pixel spacing")
+        diff = frame.group("MRDiffusionSequence")
+        if diff is not None:  # enhanced MR: the MR Diffusion functional group
+            b = _clean_b(diff.DiffusionBValue) if "DiffusionBValue" in diff else None
+            yield b, _direction(diff), frame.geometry, frame.pixels
+        else:
+            yield _bvalue(frame.header), _direction(frame.header), frame.geometry, frame.pixels
 
 
 def load_dwi(series: Series, max_b: float = 1000.0) -> DwiVolume:
@@ -156,11 +124,10 @@ def load_dwi(series: Series, max_b: float = 1000.0) -> DwiVolume:
     normal: np.ndarray | None = None
     enhanced = False
     for inst in series.instances:
-        ds = inst.dataset()
-        enhanced = enhanced or "PerFrameFunctionalGroupsSequence" in ds
         header = inst.dataset(pixels=False)
+        enhanced = enhanced or "PerFrameFunctionalGroupsSequence" in header
         headers.append(header)
-        for b, direction, geom, img in _frames(inst, ds):
+        for b, direction, geom, img in _frames(inst):
             if b is None:
                 raise InputError(
                     "no b-value found in Diffusion b-value (0018,9087), its functional group, or the Siemens, "
@@ -179,7 +146,6 @@ def load_dwi(series: Series, max_b: float = 1000.0) -> DwiVolume:
             cell = acc[(key, b)].setdefault(direction, [np.zeros(shape, np.float64), 0])
             cell[0] += img
             cell[1] += 1
-        del ds
     if shape is None:
         raise InputError("series has no images")
     slices = sorted(geoms)
