@@ -1,0 +1,553 @@
+"""Held-out benchmark of the lf2hf network against bicubic and non-local-means baselines.
+
+Usage::
+
+    python -m pipelines.lf2hf.bench [--model exported_models/lf2hf-net.onnx]
+        [--json-out FILE] [--manifest exported_models/lf2hf-net.json
+        --train-log DIR/lf2hf-net.train.json]
+
+Data: the held-out slab :data:`~pipelines.lf2hf.simulator.HELDOUT_SLICES`
+(never used in training) simulated with the unseen seeds
+:data:`~pipelines.lf2hf.simulator.BENCH_SEEDS`, at B0 = 0.064, 0.3 and
+0.55 T, T1w and T2w, every other acquisition parameter random (10 slices x
+3 seeds = 30 slices per field and weighting).
+
+Every image is divided by its own robust scale (the median within the
+head, :func:`~pipelines.lf2hf.preprocess.normalisation_scale`): the 3 T
+truth by its own, the network output and the baselines by the input's. The
+figures are PSNR and SSIM within the brain mask (data range 1) and the
+absolute error of the grey/white matter contrast ``(GM - WM) / (GM + WM)``
+(high-probability masks) against the truth. Baselines: bicubic (cubic
+spline) upsampling of the normalised input, and non-local means
+(``skimage.restoration.denoise_nl_means``, fast mode, 5 x 5 patches,
+distance 6, ``h = 0.8 sigma``, sigma estimated from the background with
+:func:`~pipelines.lf2hf.preprocess.estimate_noise_sigma`, which suits
+Rician magnitude images; skimage's wavelet estimator would need PyWavelets)
+followed by the same upsampling.
+For context only, the better baseline is also shown after an oracle affine
+intensity match to the truth within the brain (not available in practice).
+
+Target per field strength: at least +2 dB PSNR and +0.05 SSIM over the
+better baseline, for both weightings. The consistency check
+(:func:`pipelines.lf2hf.infer.degrade`) is run on the network's outputs and
+on the same outputs with a synthetic bright blob added.
+
+This is a command-line script, so it prints its tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Throughput is reported for one thread, and the machine is shared. Set
+# only when run as a script (BLAS reads these when numpy is imported), so
+# that importing this module has no side effect.
+if __name__ == "__main__":
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
+
+from pipelines.lf2hf.infer import (  # noqa: E402
+    GLOBAL_THRESHOLD,
+    LOCAL_THRESHOLD,
+    LOCAL_WINDOW,
+    MODEL_ERROR_FLOOR,
+    PAD_MULTIPLE,
+    SCALE,
+    degrade,
+    enhance,
+    make_session,
+)
+from pipelines.lf2hf.metrics import gm_wm_contrast, psnr_masked, ssim_masked  # noqa: E402
+from pipelines.lf2hf.preprocess import (  # noqa: E402
+    COND_DIM,
+    COND_FIELD_REF_T,
+    COND_SIGMA_FLOOR,
+    COND_SIGMA_REF,
+    NORM_PERCENTILE,
+    Contrast,
+    estimate_noise_sigma,
+    normalisation_scale,
+)
+from pipelines.lf2hf.simulator import (  # noqa: E402
+    BENCH_SEEDS,
+    HELDOUT_SLICES,
+    TRAIN_SLICES,
+    SlicePair,
+    generate_pairs,
+)
+
+logger = logging.getLogger(__name__)
+logger.addHandler(logging.NullHandler())
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = ROOT / "exported_models" / "lf2hf-net.onnx"
+#: Field strengths of the benchmark (T).
+BENCH_FIELDS: tuple[float, ...] = (0.064, 0.3, 0.55)
+#: Targets over the better baseline.
+TARGET_PSNR_GAIN_DB: float = 2.0
+TARGET_SSIM_GAIN: float = 0.05
+#: Slices of the model test (per field; T1w on the first three, T2w on the
+#: others), here so that the thresholds are derived for that design.
+TEST_SLICES_T1W: tuple[int, ...] = (95, 98, 101)
+TEST_SLICES_T2W: tuple[int, ...] = (97, 100, 103)
+#: Synthetic "hallucination" for the consistency check: a Gaussian blob of
+#: this peak (relative to the output's normalisation scale) and standard
+#: deviation (output pixels, i.e. ~1 mm), placed in white matter.
+BLOB_AMPLITUDE: float = 0.5
+BLOB_SIGMA_PX: float = 3.0
+#: Seed of the consistency calibration slices (training slab, not held out).
+CALIBRATION_SEED: int = 4242
+METHODS: tuple[str, ...] = ("net", "bicubic", "nlm+bicubic")
+#: Filtering strength of the NLM baseline, h / sigma (chosen on training-slab
+#: slices as the best of 0.6, 0.8, 1.0 and 1.2 for PSNR).
+NLM_H_OVER_SIGMA: float = 0.8
+
+
+def heldout_pairs(seed: int, field_t: float, contrast: Contrast | str, slices: tuple[int, ...] = HELDOUT_SLICES
+                  ) -> list[SlicePair]:
+    """Held-out pairs of one seed, field strength and weighting (their own random stream)."""
+    c = Contrast.of(contrast)
+    return generate_pairs(slices, [seed, int(round(field_t * 1000)), list(Contrast).index(c)], field_t, c)
+
+
+def bicubic(x: np.ndarray) -> np.ndarray:
+    """Cubic-spline 2x upsampling of ``[H, W]`` on the pixel-centred grid."""
+    from scipy import ndimage
+
+    return ndimage.zoom(x.astype(np.float64), SCALE, order=3, mode="grid-mirror", grid_mode=True).astype(np.float32)
+
+
+def nlm_bicubic(x: np.ndarray, h_over_sigma: float = NLM_H_OVER_SIGMA) -> np.ndarray:
+    """Non-local-means denoising (sigma estimated from the background) then :func:`bicubic`."""
+    from skimage.restoration import denoise_nl_means
+
+    sigma = estimate_noise_sigma(x)
+    den = denoise_nl_means(x.astype(np.float64), h=h_over_sigma * sigma, sigma=sigma, fast_mode=True,
+                           patch_size=5, patch_distance=6)
+    return bicubic(den)
+
+
+def add_blob(img: np.ndarray, centre: tuple[int, int], amplitude: float, sigma_px: float = BLOB_SIGMA_PX
+             ) -> np.ndarray:
+    """Add a bright Gaussian blob (a synthetic hallucinated lesion) to one slice."""
+    yy, xx = np.mgrid[: img.shape[0], : img.shape[1]]
+    blob = np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / (2 * sigma_px**2))
+    return (img + amplitude * blob).astype(np.float32)
+
+
+def blob_centre(pair: SlicePair, rng: np.random.Generator) -> tuple[int, int]:
+    """A random white-matter pixel of the target grid, away from the edge of the WM mask."""
+    from scipy import ndimage
+
+    wm = ndimage.binary_erosion(pair.wm_mask, iterations=3)
+    pts = np.argwhere(wm if wm.any() else pair.wm_mask)
+    r, c = pts[int(rng.integers(len(pts)))]
+    return int(r), int(c)
+
+
+@dataclass
+class SliceScores:
+    """Figures of one method on one slice."""
+
+    psnr: float
+    ssim: float
+    contrast_error: float
+
+
+def score_slice(pred_n: np.ndarray, pair: SlicePair, truth_n: np.ndarray, truth_c: float) -> SliceScores:
+    """PSNR, SSIM and GM/WM contrast error of a normalised prediction."""
+    m = pair.brain_mask
+    return SliceScores(
+        psnr_masked(pred_n, truth_n, m),
+        ssim_masked(pred_n, truth_n, m),
+        abs(gm_wm_contrast(pred_n, pair.gm_mask, pair.wm_mask) - truth_c),
+    )
+
+
+def affine_match(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Oracle least-squares ``a * pred + b`` fit to the truth within ``mask`` (context only)."""
+    a, b = np.polyfit(pred[mask].astype(np.float64), truth[mask].astype(np.float64), 1)
+    return (a * pred + b).astype(np.float32)
+
+
+def evaluate(session: Any, pairs: list[SlicePair], with_baselines: bool = True) -> dict[str, Any]:
+    """Run the network (and baselines) on pairs of one field strength and weighting.
+
+    Returns
+    -------
+    dict
+        ``scores[method]``: list of :class:`SliceScores`; ``outputs``: the
+        network's raw outputs ``[N, 2H, 2W]``; ``inputs``: ``[N, H, W]``.
+    """
+    field_t = pairs[0].field_strength_t
+    contrast = pairs[0].contrast
+    inputs = np.stack([p.input for p in pairs])
+    t0 = time.perf_counter()
+    outputs = enhance(session, inputs, field_t, contrast)
+    net_seconds = time.perf_counter() - t0
+    scores: dict[str, list[SliceScores]] = {m: [] for m in METHODS} | {"oracle": []}
+    for k, p in enumerate(pairs):
+        truth_n = p.target / normalisation_scale(p.target)
+        truth_c = gm_wm_contrast(truth_n, p.gm_mask, p.wm_mask)
+        s_in = normalisation_scale(p.input)
+        scores["net"].append(score_slice(outputs[k] / s_in, p, truth_n, truth_c))
+        if with_baselines:
+            x = p.input / s_in
+            b = bicubic(x)
+            nb = nlm_bicubic(x)
+            scores["bicubic"].append(score_slice(b, p, truth_n, truth_c))
+            scores["nlm+bicubic"].append(score_slice(nb, p, truth_n, truth_c))
+            best = b if scores["bicubic"][-1].psnr >= scores["nlm+bicubic"][-1].psnr else nb
+            scores["oracle"].append(score_slice(affine_match(best, truth_n, p.brain_mask), p, truth_n, truth_c))
+    return {"scores": scores, "outputs": outputs, "inputs": inputs, "net_seconds": net_seconds}
+
+
+def _mean(scores: list[SliceScores], key: str) -> float:
+    return float(np.mean([getattr(s, key) for s in scores]))
+
+
+def consistency_trial(outputs: np.ndarray, pairs: list[SlicePair], rng: np.random.Generator
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Consistency scores of the outputs as they are and with a bright blob added."""
+    field_t = pairs[0].field_strength_t
+    inputs = np.stack([p.input for p in pairs])
+    clean = degrade(outputs, field_t, inputs).score
+    blobbed = np.stack([
+        add_blob(o, blob_centre(p, rng), BLOB_AMPLITUDE * normalisation_scale(o)) for o, p in zip(outputs, pairs)
+    ])
+    return clean, degrade(blobbed, field_t, inputs).score
+
+
+def calibrate_consistency(session: Any) -> dict[str, dict[str, np.ndarray]]:
+    """Ingredients of the consistency scores on training-slab slices (never the held-out data).
+
+    For every slice: the 3 T truth itself (a perfect output, scaled to the
+    input), the network's output and the output with a bright blob added.
+    Returns, per kind, the ``residual_rms``, ``local_residual_max`` and
+    ``noise_rel`` arrays of :class:`pipelines.lf2hf.infer.ConsistencyResult`.
+    """
+    rng = np.random.default_rng(CALIBRATION_SEED)
+    res: dict[str, dict[str, list[float]]] = {k: {"rms": [], "loc": [], "rel": []} for k in ("truth", "net", "blob")}
+    for f in (0.064, 0.15, 0.3, 0.55):
+        for c in Contrast:
+            pairs = generate_pairs(TRAIN_SLICES[5::8], [CALIBRATION_SEED, int(f * 1000), list(Contrast).index(c)],
+                                   f, c)
+            x = np.stack([p.input for p in pairs])
+            out = enhance(session, x, f, c)
+            truth = np.stack([p.target * normalisation_scale(p.input) / normalisation_scale(p.target) for p in pairs])
+            blob = np.stack([add_blob(o, blob_centre(p, rng), BLOB_AMPLITUDE * normalisation_scale(o))
+                             for o, p in zip(out, pairs)])
+            for kind, o in (("truth", truth), ("net", out), ("blob", blob)):
+                r = degrade(o, f, x)
+                res[kind]["rms"] += r.residual_rms.tolist()
+                res[kind]["loc"] += r.local_residual_max.tolist()
+                res[kind]["rel"] += r.noise_rel.tolist()
+    return {k: {n: np.array(v) for n, v in d.items()} for k, d in res.items()}
+
+
+def _print_calibration(cal: dict[str, dict[str, np.ndarray]]) -> None:
+    print("## Consistency calibration (training slab, seed "
+          f"{CALIBRATION_SEED}; floor {MODEL_ERROR_FLOOR}, thresholds {GLOBAL_THRESHOLD} / {LOCAL_THRESHOLD})\n")
+    print("| output | global p50 | global p99 | global max | local p50 | local p99 | local max | local min | flagged |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for kind, d in cal.items():
+        g = d["rms"] / np.sqrt(d["rel"] ** 2 + MODEL_ERROR_FLOOR**2)
+        lo = d["loc"] / np.sqrt(d["rel"] ** 2 / LOCAL_WINDOW**2 + MODEL_ERROR_FLOOR**2)
+        flagged = np.mean(np.maximum(g / GLOBAL_THRESHOLD, lo / LOCAL_THRESHOLD) > 1.0)
+        print(f"| {kind} | {np.median(g):.2f} | {np.percentile(g, 99):.2f} | {g.max():.2f} | {np.median(lo):.2f} | "
+              f"{np.percentile(lo, 99):.2f} | {lo.max():.2f} | {lo.min():.2f} | {100 * flagged:.1f} % |")
+    print()
+
+
+def speed(model: Path, threads: int, n: int = 20) -> dict[str, float]:
+    """Slices per second for one 128 x 128 -> 256 x 256 slice per call (including pre/post-processing)."""
+    sess = make_session(model, threads=threads)
+    x = np.random.default_rng(0).rayleigh(1.0, (1, 128, 128)).astype(np.float32)
+    x[:, 24:104, 24:104] += 20.0
+    enhance(sess, x, 0.064, "T1w")
+    t0 = time.perf_counter()
+    for _ in range(n):
+        enhance(sess, x, 0.064, "T1w")
+    per_call = (time.perf_counter() - t0) / n
+    xb = np.repeat(x, 8, axis=0)
+    enhance(sess, xb, 0.064, "T1w")
+    t0 = time.perf_counter()
+    for _ in range(max(2, n // 8)):
+        enhance(sess, xb, 0.064, "T1w")
+    per_batch = (time.perf_counter() - t0) / max(2, n // 8)
+    return {"slices_per_s_batch1": 1.0 / per_call, "slices_per_s_batch8": 8.0 / per_batch}
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _thresholds(per_slice: dict[str, dict[str, dict[str, list[SliceScores]]]]) -> dict[str, dict[str, float]]:
+    """Per-field minimum mean PSNR and SSIM for the model test's 3 + 3 slice design.
+
+    The threshold is the measured held-out mean minus three standard errors
+    of a mean over three T1w and three T2w slices (rounded down to 0.1 dB and
+    0.005), but never below the better baseline's held-out mean.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for f, by_c in per_slice.items():
+        row: dict[str, float] = {}
+        for key, step in (("psnr", 0.1), ("ssim", 0.005)):
+            means, var = [], 0.0
+            for c in by_c.values():
+                v = np.array([getattr(s, key) for s in c["net"]])
+                means.append(v.mean())
+                var += v.var(ddof=1) / 3.0
+            net_mean = float(np.mean(means))
+            se = float(np.sqrt(var) / 2.0)
+            base = max(
+                float(np.mean([_mean(c[m], key) for c in by_c.values()])) for m in ("bicubic", "nlm+bicubic")
+            )
+            thr = max(np.floor((net_mean - 3.0 * se) / step) * step, base)
+            row["min_" + ("psnr_db" if key == "psnr" else "ssim")] = round(float(thr), 3)
+        out[f] = row
+    return out
+
+
+def write_manifest(model: Path, manifest: Path, metrics: dict[str, Any], thresholds: dict[str, Any],
+                   train_log: dict[str, Any]) -> None:
+    """Write the machine-readable manifest of the exported model.
+
+    Parameters
+    ----------
+    model : pathlib.Path
+        The ``.onnx`` file (the manifest names it relative to its folder).
+    manifest : pathlib.Path
+        Destination JSON.
+    metrics : dict
+        Held-out figures from this benchmark.
+    thresholds : dict
+        Per-field minimum PSNR and SSIM the model test asserts.
+    train_log : dict
+        The ``lf2hf-net.train.json`` of the training run of ``model``.
+    """
+    import onnx
+
+    from pipelines.lf2hf import simulator as sim
+
+    g = onnx.load(str(model)).graph
+
+    def io(values: list[Any]) -> list[dict[str, Any]]:
+        out = []
+        for v in values:
+            dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+            out.append({"name": v.name, "shape": dims, "dtype": dtype})
+        return out
+
+    cfg = train_log["config"]
+    data = {
+        "name": "lf2hf-net",
+        "version": "1.0.0",
+        "file": model.name,
+        "sha256": sha256_file(model),
+        "inputs": io(list(g.input)),
+        "outputs": io(list(g.output)),
+        "preprocessing": {
+            "function": "pipelines.lf2hf.preprocess.prepare_slice",
+            "normalisation": f"divide each slice by the {NORM_PERCENTILE:g}th percentile of its intensities within "
+            "the head mask (pipelines.lf2hf.preprocess.normalisation_scale); multiply the output by the same "
+            "scale",
+            "norm_percentile": NORM_PERCENTILE,
+            "head_mask": "box-5 mean above max(0.08 x its 99.5th percentile, Rayleigh background mean + 4 SD)",
+            "noise_sigma": "from the background: sqrt(mean(m^2) / 2) over pixels whose box-5 mean is within "
+            "4 SD of the Rayleigh mean (pipelines.lf2hf.preprocess.estimate_noise_sigma)",
+            "scale_factor": SCALE,
+            "padding_multiple": PAD_MULTIPLE,
+            "padding": "reflect at the bottom and right, output cropped to 2H x 2W",
+            "output_clip_min": 0.0,
+            "conditioning": {
+                "dim": COND_DIM,
+                "components": [
+                    f"log10(B0_T / {COND_FIELD_REF_T})",
+                    "1 if T1w else 0",
+                    "1 if T2w else 0",
+                    f"log10(max(noise_sigma / scale, {COND_SIGMA_FLOOR}) / {COND_SIGMA_REF})",
+                ],
+            },
+            "field_range_t": list(sim.FIELD_RANGE_T),
+            "contrasts": [c.value for c in Contrast],
+            "consistency": {
+                "function": "pipelines.lf2hf.infer.degrade",
+                "model_error_floor": MODEL_ERROR_FLOOR,
+                "global_threshold": GLOBAL_THRESHOLD,
+                "local_threshold": LOCAL_THRESHOLD,
+                "flag": "score > 1",
+            },
+        },
+        "training": {
+            "command": train_log["command"],
+            "seed": cfg["seed"],
+            "data_generator": "pipelines.lf2hf.simulator",
+            "parameters": {
+                "steps": cfg["steps"],
+                "batch": cfg["batch"],
+                "patch_in": cfg["patch"],
+                "patch_out": cfg["patch"] * SCALE,
+                "lr": cfg["lr"],
+                "field_jitter_rel": cfg["field_jitter"],
+                "loss": f"L1 (brain weight {cfg['brain_weight']}) + {cfg['ssim_weight']} x (1 - SSIM in brain)",
+                "widths": cfg["widths"],
+                "blocks": cfg["blocks"],
+                "network_parameters": train_log["parameters"],
+                "train_slices": [min(sim.TRAIN_SLICES), max(sim.TRAIN_SLICES)],
+                "train_slices_excluded": [90, 109],
+                "heldout_slices": [min(sim.HELDOUT_SLICES), max(sim.HELDOUT_SLICES)],
+                "reserved_seeds": sorted(sim.RESERVED_SEEDS),
+                "field_range_t": list(sim.FIELD_RANGE_T),
+                "field_sampling": "log-uniform",
+                "tissue_jitter_rel": sim.TISSUE_JITTER,
+                "snr_exponent": list(sim.SNR_EXPONENT),
+                "snr_3t_ref": list(sim.SNR_3T_REF),
+                "slice_thickness_mm": list(sim.SLICE_THICKNESS_MM),
+                "t1w_tr_over_t1wm": list(sim.T1W_TR_OVER_T1WM),
+                "t1w_te_ms": list(sim.T1W_TE_MS),
+                "t2w_tr_ms": list(sim.T2W_TR_MS),
+                "t2w_te_ms": list(sim.T2W_TE_MS),
+                "bias_degree": sim.BIAS_DEGREE,
+                "bias_std": list(sim.BIAS_STD),
+                "reference_3t": {c.value: [s.tr_ms, s.te_ms] for c, s in sim.REFERENCE_3T.items()},
+                "train_seconds_single_thread": train_log["train_seconds"],
+                "torch": train_log["torch"],
+                "onnx_max_abs_diff_vs_torch": train_log["onnx_max_abs_diff"],
+            },
+        },
+        "metrics": metrics,
+        "thresholds": thresholds,
+    }
+    manifest.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--manifest", type=Path, default=None)
+    ap.add_argument("--train-log", type=Path, default=None)
+    ap.add_argument("--no-speed", action="store_true", help="skip the throughput measurement")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="only print the consistency-score calibration on training-slab slices")
+    args = ap.parse_args(argv)
+    if args.manifest is not None and args.train_log is None:
+        ap.error("--manifest needs --train-log")
+    logging.basicConfig(level=logging.WARNING)
+    session = make_session(args.model, threads=1)
+    print(f"model {args.model} sha256 {sha256_file(args.model)}")
+    if args.calibrate:
+        _print_calibration(calibrate_consistency(session))
+        return 0
+    print(f"held-out slab: template slices {HELDOUT_SLICES[0]}-{HELDOUT_SLICES[-1]}; seeds {list(BENCH_SEEDS)}; "
+          "onnxruntime CPU, 1 thread\n")
+    rng = np.random.default_rng(BENCH_SEEDS[0])
+    per_slice: dict[str, dict[str, dict[str, list[SliceScores]]]] = {}
+    metrics: dict[str, Any] = {"fields": {}}
+    checks: list[tuple[str, bool]] = []
+    cons_clean: list[float] = []
+    cons_blob: list[float] = []
+    net_seconds, net_slices = 0.0, 0
+    for f in BENCH_FIELDS:
+        key = f"{f:g}T"
+        per_slice[key] = {}
+        metrics["fields"][key] = {}
+        print(f"## B0 = {f:g} T\n")
+        print("| weighting | method | PSNR brain (dB) | SSIM brain | abs GM/WM contrast error |")
+        print("|---|---|---|---|---|")
+        field_ok = True
+        for c in Contrast:
+            pairs = [p for s in BENCH_SEEDS for p in heldout_pairs(s, f, c)]
+            res = evaluate(session, pairs)
+            net_seconds += res["net_seconds"]
+            net_slices += len(pairs)
+            sc = res["scores"]
+            per_slice[key][c.value] = sc
+            row = {m: {k: _mean(sc[m], k) for k in ("psnr", "ssim", "contrast_error")} for m in sc}
+            row["n_slices"] = len(pairs)  # type: ignore[assignment]
+            row["input_snr_median"] = float(np.median([p.acquisition.snr for p in pairs]))  # type: ignore[assignment]
+            metrics["fields"][key][c.value] = row
+            for m in (*METHODS, "oracle"):
+                label = "bicubic/NLM + oracle affine (context)" if m == "oracle" else m
+                r = row[m]
+                print(f"| {c.value} | {label} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['contrast_error']:.3f} |")
+            best_psnr = max(row["bicubic"]["psnr"], row["nlm+bicubic"]["psnr"])
+            best_ssim = max(row["bicubic"]["ssim"], row["nlm+bicubic"]["ssim"])
+            ok = (row["net"]["psnr"] >= best_psnr + TARGET_PSNR_GAIN_DB
+                  and row["net"]["ssim"] >= best_ssim + TARGET_SSIM_GAIN)
+            field_ok &= ok
+            print(f"| {c.value} | gain over better baseline | {row['net']['psnr'] - best_psnr:+.2f} | "
+                  f"{row['net']['ssim'] - best_ssim:+.3f} | |")
+            clean, blob = consistency_trial(res["outputs"], pairs, rng)
+            cons_clean += clean.tolist()
+            cons_blob += blob.tolist()
+        print()
+        verdict = "PASS" if field_ok else "FAIL"
+        print(f"{verdict} B0 = {f:g} T: net >= better baseline + {TARGET_PSNR_GAIN_DB} dB PSNR and "
+              f"+ {TARGET_SSIM_GAIN} SSIM for T1w and T2w\n")
+        checks.append((f"B0 = {f:g} T", field_ok))
+
+    clean_a, blob_a = np.array(cons_clean), np.array(cons_blob)
+    metrics["consistency"] = {
+        "score_net_median": float(np.median(clean_a)),
+        "score_net_p95": float(np.percentile(clean_a, 95)),
+        "flagged_net_fraction": float(np.mean(clean_a > 1.0)),
+        "score_blob_median": float(np.median(blob_a)),
+        "flagged_blob_fraction": float(np.mean(blob_a > 1.0)),
+        "blob": {"amplitude_rel": BLOB_AMPLITUDE, "sigma_px": BLOB_SIGMA_PX},
+    }
+    mc = metrics["consistency"]
+    print("## Consistency check (score > 1 flags a slice)\n")
+    print(f"network outputs: median score {mc['score_net_median']:.2f}, 95th percentile {mc['score_net_p95']:.2f}, "
+          f"flagged {100 * mc['flagged_net_fraction']:.1f} %")
+    print(f"outputs + bright blob ({BLOB_AMPLITUDE:g} x scale, sigma {BLOB_SIGMA_PX:g} px): median score "
+          f"{mc['score_blob_median']:.2f}, flagged {100 * mc['flagged_blob_fraction']:.1f} %\n")
+
+    if not args.no_speed:
+        print("## Speed (128 x 128 -> 256 x 256, CPU, onnxruntime, including pre/post-processing)\n")
+        sp = {}
+        for threads, label in ((1, "1 thread"), (0, "default threads")):
+            s = speed(args.model, threads)
+            sp[label.replace(" ", "_")] = s
+            print(f"{label}: {s['slices_per_s_batch1']:.1f} slices/s (batch 1), "
+                  f"{s['slices_per_s_batch8']:.1f} slices/s (batch 8)")
+        metrics["speed_128_to_256"] = sp
+        print(f"(cpu count {os.cpu_count()}; held-out inference, 1 thread: "
+              f"{net_slices / net_seconds:.1f} slices/s at 120 x 112)\n")
+
+    thresholds = _thresholds(per_slice)
+    metrics["model_bytes"] = args.model.stat().st_size
+    print("## Summary\n")
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'} {text}")
+    print(f"\nthresholds for the model test (3 T1w + 3 T2w slices per field): {json.dumps(thresholds)}")
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps({"metrics": metrics, "thresholds": thresholds}, indent=2))
+    if args.manifest is not None:
+        train_log = json.loads(args.train_log.read_text())
+        write_manifest(args.model, args.manifest, metrics, thresholds, train_log)
+        print(f"wrote {args.manifest}")
+    return 0 if all(ok for _, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
