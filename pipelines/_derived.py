@@ -83,9 +83,9 @@ def derived_mr_image(src: Dataset, ctx: RunContext, img: DerivedImage) -> Datase
     ds.SeriesDate = ds.ContentDate = src.get("SeriesDate", src.get("StudyDate", ""))
     ds.SeriesTime = ds.ContentTime = src.get("SeriesTime", src.get("StudyTime", ""))
     g = img.geometry
-    ds.ImagePositionPatient = [f"{v:.6g}" for v in g.position]
+    ds.ImagePositionPatient = [f"{v:.10g}" for v in g.position]  # DS: at most 16 characters
     ds.ImageOrientationPatient = [f"{v:.6g}" for v in g.orientation]
-    ds.PixelSpacing = [f"{v:.6g}" for v in g.pixel_spacing]
+    ds.PixelSpacing = [f"{v:.10g}" for v in g.pixel_spacing]
     if g.slice_thickness:
         ds.SliceThickness = f"{g.slice_thickness:.6g}"
     # MR Image module type 1/2 attributes, from the source when it has them.

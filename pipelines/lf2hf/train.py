@@ -245,7 +245,7 @@ def train(cfg: TrainConfig) -> tuple[LF2HFNet, dict[str, object]]:
     val = [_item(next(val_sampler), cfg) for _ in range(16)]
     pool = [_item(next(sampler), cfg) for _ in range(cfg.pool)]
     # channels-last is ~15 % faster for these convolutions on CPU.
-    net = LF2HFNet(cfg.widths, cfg.blocks).to(memory_format=torch.channels_last)
+    net = LF2HFNet(cfg.widths, cfg.blocks).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     ema = copy.deepcopy(net)
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -307,6 +307,7 @@ def export_onnx(net: LF2HFNet, path: Path) -> float:
         Largest absolute difference of the normalised outputs between
         onnxruntime and torch over simulated slices at two matrix sizes.
     """
+    import onnx
     import onnxruntime as ort
 
     from pipelines.lf2hf.simulator import simulate_series
@@ -328,6 +329,12 @@ def export_onnx(net: LF2HFNet, path: Path) -> float:
                           OUTPUT_NAME: {0: "N", 2: "H2", 3: "W2"}},
             dynamo=False,
         )
+    # The exporter loses the static channel axis of the output after the
+    # residual Add; declare it so the graph documents itself.
+    model = onnx.load(str(path))
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 1
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
