@@ -1,0 +1,123 @@
+"""The lf2hf pipeline: selection, derived series geometry and validity, bad input, end to end."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from gateway.contract import Identity, InputError, RunContext, Series
+from gateway.uids import derived_uid
+from pipelines.lf2hf.infer import make_session
+from pipelines.lf2hf.pipeline import Lf2hfPipeline
+from pipelines.lf2hf.synthetic import write_lowfield_series
+from tests.conftest import REPO, GatewayProcess, Orthanc, need, storescu, wait_for
+from tests.test_ivim_pipeline import as_series
+
+MODEL_PATH = REPO / "exported_models" / "lf2hf-net.onnx"
+
+
+def context(**options: object) -> tuple[RunContext, list[tuple[str, int]]]:
+    flags: list[tuple[str, int]] = []
+    ctx = RunContext(
+        sessions={"lf2hf-net": make_session(MODEL_PATH)},
+        uid=lambda key: derived_uid("test-lf2hf", key),
+        identity=Identity("aigw tests", "aigw", "0.0-test", "TEST-1"),
+        workdir=Path("."),
+        options=options,
+        model_versions={"lf2hf-net": "test"},
+        flag=lambda kind, n: flags.append((kind, n)),
+    )
+    return ctx, flags
+
+
+@pytest.fixture(scope="module")
+def lowfield(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_lowfield_series(tmp_path_factory.mktemp("lf"), seed=11, matrix=(96, 88), slices=(70, 80, 90))
+
+
+def test_selector(lowfield: list[Path], tmp_path: Path) -> None:
+    pipe = Lf2hfPipeline()
+    assert pipe.selects(as_series(lowfield)).matched
+    for value, reason in ((None, "missing"), (3.0, "not below")):
+        paths = []
+        for p in lowfield:
+            ds = dcmread(p)
+            if value is None:
+                del ds.MagneticFieldStrength
+            else:
+                ds.MagneticFieldStrength = value
+            paths.append(tmp_path / f"{value}_{p.name}")
+            ds.save_as(paths[-1])
+        sel = pipe.selects(as_series(paths))
+        assert not sel.matched and reason in sel.reason
+
+
+def test_derived_series_geometry_validity_and_consistency(lowfield: list[Path], tmp_path: Path) -> None:
+    ctx, flags = context()
+    out = Lf2hfPipeline().run(as_series(lowfield), ctx)
+    assert len(out) == len(lowfield)
+    for k, (ds, src_path) in enumerate(zip(out, sorted(lowfield))):
+        src = dcmread(src_path)
+        assert (ds.Rows, ds.Columns) == (2 * src.Rows, 2 * src.Columns)
+        assert [float(v) for v in ds.PixelSpacing] == pytest.approx([float(v) / 2 for v in src.PixelSpacing])
+        assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID
+        assert ds.ImageOrientationPatient == src.ImageOrientationPatient
+        # The centre of the image stays where it was: first pixel centre moves a quarter pixel.
+        sr, sc = (float(v) for v in src.PixelSpacing)
+        expected = np.array([float(v) for v in src.ImagePositionPatient]) - [sc / 4, sr / 4, 0]
+        assert np.allclose([float(v) for v in ds.ImagePositionPatient], expected, atol=1e-3)
+        assert ds.ImageType[:2] == ["DERIVED", "SECONDARY"]
+        assert ds.SeriesDescription.startswith("AI-enhanced")
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+        assert "consistency score" in ds.ImageComments
+        path = tmp_path / f"out{k}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        r = subprocess.run([need("dciodvfy"), str(path)], capture_output=True, text=True)
+        errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, errors
+        assert dcmread(path).pixel_array.shape == (2 * src.Rows, 2 * src.Columns)
+    assert sum(n for _, n in flags) == 0  # the model's own output is consistent with its input
+
+
+def test_bad_input(lowfield: list[Path], tmp_path: Path) -> None:
+    pipe = Lf2hfPipeline()
+    ctx, _ = context()
+    # A single slice and a non-square matrix give a sensible result.
+    one = pipe.run(as_series(lowfield[:1]), ctx)
+    assert len(one) == 1 and one[0].Rows == 2 * dcmread(lowfield[0]).Rows
+    # Missing field strength: a clear failure unless the site says what to assume.
+    ds = dcmread(lowfield[0])
+    del ds.MagneticFieldStrength
+    nofield = tmp_path / "nofield.dcm"
+    ds.save_as(nofield)
+    with pytest.raises(InputError, match="MagneticFieldStrength"):
+        pipe.run(as_series([nofield]), ctx)
+    ctx_assume, _ = context(assume_field_t=0.064)
+    assert len(pipe.run(as_series([nofield]), ctx_assume)) == 1
+    # Colour images: a clear failure.
+    rgb = dcmread(lowfield[0])
+    rgb.SamplesPerPixel, rgb.PhotometricInterpretation, rgb.PlanarConfiguration = 3, "RGB", 0
+    rgb.BitsAllocated, rgb.BitsStored, rgb.HighBit = 8, 8, 7
+    rgb.PixelData = bytes(rgb.Rows * rgb.Columns * 3)
+    colour = tmp_path / "rgb.dcm"
+    rgb.save_as(colour)
+    with pytest.raises(InputError, match="colour"):
+        pipe.run(as_series([colour]), ctx)
+
+
+@pytest.mark.peers
+def test_end_to_end_enhanced_series_arrives_in_orthanc(
+    lowfield: list[Path], orthanc: Orthanc, make_gateway: Callable[..., GatewayProcess]
+) -> None:
+    gw = make_gateway(destinations=[f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"], models=REPO / "exported_models")
+    assert storescu(gw.port, lowfield).returncode == 0
+    uids = wait_for(lambda: len(orthanc.instance_uids()) >= len(lowfield) and orthanc.instance_uids(), 120,
+                    "enhanced series in Orthanc")
+    assert len(uids) == len(lowfield)
+    (series,) = orthanc.get("/series")
+    assert orthanc.get(f"/series/{series}")["MainDicomTags"]["SeriesDescription"].startswith("AI-enhanced")
