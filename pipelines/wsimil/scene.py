@@ -80,8 +80,9 @@ class Stain:
         )
 
 
-def _blobs(shape: tuple[int, int], rng: np.random.Generator, centres: np.ndarray, radii: np.ndarray,
-           roughness: float) -> np.ndarray:
+def _blobs(
+    shape: tuple[int, int], rng: np.random.Generator, centres: np.ndarray, radii: np.ndarray, roughness: float
+) -> np.ndarray:
     """Union of irregular discs on the coarse grid (values ~1 inside, soft edge)."""
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
     noise = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), sigma=6)
