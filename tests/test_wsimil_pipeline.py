@@ -1,0 +1,246 @@
+"""The wsi-mil pipeline: selection, SEG and SR validity and geometry, pyramid variants, bad input, end to end."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from gateway.contract import Identity, InputError, Instance, RunContext, Series
+from gateway.headers import routing_headers
+from gateway.uids import derived_uid
+from pipelines.wsimil.infer import make_session
+from pipelines.wsimil.pipeline import ENCODER, HEAD, WsiMilPipeline
+from pipelines.wsimil.scene import SlideScene
+from pipelines.wsimil.tiles import MODEL_MPP, TILE_PX
+from pipelines.wsimil.wsi import SlideFiles, write_slide
+from tests.conftest import REPO, GatewayProcess, Orthanc, need, storescu, wait_for
+
+MODELS = REPO / "exported_models"
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SIZE_UM = (1600.0, 1200.0)
+
+
+def as_series(paths: list[Path]) -> Series:
+    insts = []
+    for p in paths:
+        ds = dcmread(p, stop_before_pixels=True)
+        insts.append(Instance(str(ds.SOPInstanceUID), str(ds.SOPClassUID), p, routing_headers(ds)))
+    return Series(str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), str(ds.Modality), "SCANNER", insts)
+
+
+@pytest.fixture(scope="module")
+def sessions() -> dict[str, object]:
+    return {name: make_session(MODELS / f"{name}.onnx") for name in (ENCODER, HEAD)}
+
+
+def context(sessions: dict[str, object], **options: object) -> tuple[RunContext, list[tuple[str, int]]]:
+    flags: list[tuple[str, int]] = []
+    ctx = RunContext(
+        sessions=sessions,  # type: ignore[arg-type]
+        uid=lambda key: derived_uid("test-wsi-mil", key),
+        identity=Identity("aigw tests", "aigw", "0.0-test", "TEST-1"),
+        workdir=Path("."),
+        options=options,
+        model_versions={ENCODER: "test", HEAD: "test"},
+        flag=lambda kind, n: flags.append((kind, n)),
+    )
+    return ctx, flags
+
+
+def slide(folder: Path, seed: int = 5, tumour: bool = True, **kw: object) -> tuple[SlideScene, SlideFiles]:
+    scene = SlideScene(seed, *SIZE_UM, tumour=tumour)
+    return scene, write_slide(scene, folder, base_mpp=1.0, tile=256, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def positive(tmp_path_factory: pytest.TempPathFactory) -> tuple[SlideScene, SlideFiles]:
+    return slide(tmp_path_factory.mktemp("pos"))
+
+
+def split(out: list) -> tuple[hd.seg.Segmentation, hd.sr.Comprehensive3DSR]:
+    (seg,) = [d for d in out if d.SOPClassUID == SEG_STORAGE]
+    (sr,) = [d for d in out if d.SOPClassUID == COMPREHENSIVE_3D_SR]
+    return seg, sr
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    r = subprocess.run([need("dciodvfy"), str(path)], capture_output=True, text=True)
+    return [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error")]
+
+
+def seg_map(seg: hd.seg.Segmentation) -> np.ndarray:
+    m = seg.get_total_pixel_matrix(segment_numbers=[1], combine_segments=False, rescale_fractional=True)
+    return np.asarray(m, dtype=np.float32).reshape(m.shape[0], m.shape[1])
+
+
+def test_selector(positive: tuple[SlideScene, SlideFiles], tmp_path: Path) -> None:
+    pipe = WsiMilPipeline()
+    sel = pipe.selects(as_series(positive[1].paths))
+    assert sel.matched, sel.reason
+    mr = tmp_path / "mr.dcm"
+    ds = dcmread(positive[1].paths[0], stop_before_pixels=True)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ds.Modality = "MR"
+    ds.save_as(mr)
+    assert not pipe.selects(as_series([mr])).matched
+
+
+def test_seg_and_sr_are_valid_aligned_and_reference_the_slide(
+    positive: tuple[SlideScene, SlideFiles], sessions: dict[str, object], tmp_path: Path
+) -> None:
+    scene, files = positive
+    ctx, flags = context(sessions)
+    seg, sr = split(WsiMilPipeline().run(as_series(files.paths), ctx))
+    assert not flags
+    for name, ds in (("seg.dcm", seg), ("sr.dcm", sr)):
+        ds.save_as(tmp_path / name, enforce_file_format=True)
+        assert not dciodvfy_errors(tmp_path / name), name
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    sr = hd.sr.srread(tmp_path / "sr.dcm")
+
+    # geometry: slide Frame of Reference and orientation, one pixel per model tile, same area
+    level = dcmread(files.levels[1].path, stop_before_pixels=True)  # base 1.0 um: level 1 is the model's 2.0 um
+    assert seg.FrameOfReferenceUID == files.frame_of_reference_uid
+    assert seg.ImageOrientationSlide == level.ImageOrientationSlide
+    tile_mm = TILE_PX * MODEL_MPP / 1000
+    spacing = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    assert [float(v) for v in spacing] == pytest.approx([tile_mm, tile_mm])
+    rows, cols = int(np.ceil(files.levels[1].rows / TILE_PX)), int(np.ceil(files.levels[1].columns / TILE_PX))
+    assert (seg.TotalPixelMatrixRows, seg.TotalPixelMatrixColumns) == (rows, cols)
+    origin = seg.TotalPixelMatrixOriginSequence[0]
+    src = level.TotalPixelMatrixOriginSequence[0]
+    # first SEG pixel centred on the first tile: (t - 1) / 2 source pixels along both axes
+    half = (TILE_PX - 1) / 2 * float(level.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[0])
+    ori = np.array([float(v) for v in level.ImageOrientationSlide])
+    expected = np.array([float(src.XOffsetInSlideCoordinateSystem), float(src.YOffsetInSlideCoordinateSystem), 0])
+    expected += half * ori[:3] + half * ori[3:]
+    got = [float(origin.XOffsetInSlideCoordinateSystem), float(origin.YOffsetInSlideCoordinateSystem)]
+    assert got == pytest.approx(expected[:2].tolist(), abs=1e-4)
+
+    # references and segment description
+    assert seg.SegmentationType == "FRACTIONAL" and seg.SegmentationFractionalType == "PROBABILITY"
+    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "108369006"
+    assert seg.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
+    refs = {i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
+    assert level.SOPInstanceUID in refs
+
+    # the map finds the tumour where it is
+    prob = seg_map(seg)
+    truth = scene.tumour_mask(0, 0, cols, rows, MODEL_MPP * TILE_PX)
+    assert truth.any()
+    assert prob[truth].mean() > prob[~truth].mean() + 0.3
+
+    # report: Present, probability, area, references to the slide and the segmentation
+    groups = sr.content.get_planar_roi_measurement_groups() + sr.content.get_volumetric_roi_measurement_groups()
+    assert groups
+    evidence = {
+        i.ReferencedSOPInstanceUID
+        for s in sr.CurrentRequestedProcedureEvidenceSequence
+        for r in s.ReferencedSeriesSequence
+        for i in r.ReferencedSOPSequence
+    }
+    assert {level.SOPInstanceUID, seg.SOPInstanceUID} <= evidence
+    text = str(sr)
+    assert "Present" in text and "Probability of cancer" in text
+
+
+@pytest.mark.parametrize("variant", [{"compression": "jpeg2000", "sparse": True}, {"compression": "none"}])
+def test_pyramid_variants_give_the_same_answer(
+    variant: dict[str, object], positive: tuple[SlideScene, SlideFiles], sessions: dict[str, object], tmp_path: Path
+) -> None:
+    ctx, _ = context(sessions)
+    ref = seg_map(split(WsiMilPipeline().run(as_series(positive[1].paths), ctx))[0])
+    _, files = slide(tmp_path, **variant)
+    got = seg_map(split(WsiMilPipeline().run(as_series(files.paths), ctx))[0])
+    assert got.shape == ref.shape
+    # JPEG artefacts differ between codecs: tile probabilities agree, not bit for bit
+    assert np.abs(got - ref).mean() < 0.03
+    assert ((got >= 0.5) == (ref >= 0.5)).mean() > 0.95
+
+
+def test_single_level_and_missing_level_slides_give_a_sensible_result(
+    positive: tuple[SlideScene, SlideFiles], sessions: dict[str, object], tmp_path: Path
+) -> None:
+    ctx, _ = context(sessions)
+    ref = seg_map(split(WsiMilPipeline().run(as_series(positive[1].paths), ctx))[0])
+    for name, kw in (("single", {"single_level": True}), ("missing", {"skip_levels": (1,)})):
+        _, files = slide(tmp_path / name, **kw)
+        got = seg_map(split(WsiMilPipeline().run(as_series(files.paths), ctx))[0])
+        assert got.shape == ref.shape, name
+        assert ((got >= 0.5) == (ref >= 0.5)).mean() > 0.9, name
+
+
+def test_no_tissue_is_a_clear_failure(sessions: dict[str, object], tmp_path: Path) -> None:
+    scene = SlideScene(3, *SIZE_UM, tissue=False)
+    files = write_slide(scene, tmp_path, base_mpp=1.0, tile=256)
+    ctx, _ = context(sessions)
+    with pytest.raises(InputError, match="no tissue"):
+        WsiMilPipeline().run(as_series(files.paths), ctx)
+
+
+def _corrupt_frames(path: Path, every: int) -> int:
+    """Overwrite the JPEG start-of-image marker of every ``every``-th frame; returns how many."""
+    data = bytearray(path.read_bytes())
+    start = data.find(b"\xe0\x7f\x10\x00")  # (7FE0,0010) Pixel Data
+    pos, n, k = start, 0, 0
+    while True:
+        pos = data.find(b"\xfe\xff\x00\xe0", pos + 4)  # item tag
+        if pos < 0:
+            break
+        length = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if data[pos + 8 : pos + 10] == b"\xff\xd8":
+            if k % every == 0:
+                data[pos + 8 : pos + 10] = b"\x00\x00"
+                n += 1
+            k += 1
+        pos += 8 + length - 4
+    path.write_bytes(bytes(data))
+    return n
+
+
+def test_corrupt_tiles_are_left_out_or_fail_the_job(sessions: dict[str, object], tmp_path: Path) -> None:
+    _, files = slide(tmp_path / "one", seed=6)
+    model_level = files.levels[1].path
+    assert _corrupt_frames(model_level, every=1000) == 1
+    ctx, flags = context(sessions, max_unreadable_fraction=0.5)
+    seg, _ = split(WsiMilPipeline().run(as_series(files.paths), ctx))
+    assert flags and flags[0][0] == "unreadable_tile" and flags[0][1] > 0
+    _, files = slide(tmp_path / "all", seed=6)
+    assert _corrupt_frames(files.levels[1].path, every=1) > 1
+    ctx, flags = context(sessions)
+    with pytest.raises(InputError, match="could not be decoded"):
+        WsiMilPipeline().run(as_series(files.paths), ctx)
+
+
+def test_not_a_slide_is_a_clear_failure(
+    positive: tuple[SlideScene, SlideFiles], sessions: dict[str, object], tmp_path: Path
+) -> None:
+    ds = dcmread(positive[1].paths[0])
+    del ds.TotalPixelMatrixColumns
+    bad = tmp_path / "bad.dcm"
+    ds.save_as(bad)
+    ctx, _ = context(sessions)
+    with pytest.raises(InputError):
+        WsiMilPipeline().run(as_series([bad]), ctx)
+
+
+@pytest.mark.peers
+def test_end_to_end_seg_and_sr_arrive_in_orthanc(
+    positive: tuple[SlideScene, SlideFiles], orthanc: Orthanc, make_gateway: Callable[..., GatewayProcess]
+) -> None:
+    gw = make_gateway(destinations=[f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"], models=MODELS)
+    assert storescu(gw.port, positive[1].paths).returncode == 0
+    uids = wait_for(lambda: len(orthanc.instance_uids()) >= 2 and orthanc.instance_uids(), 180, "SEG and SR in Orthanc")
+    classes = set()
+    for uid in uids:
+        tags = orthanc.get(f"/instances/{uid}/simplified-tags")
+        classes.add(tags["SOPClassUID"])
+        assert tags["StudyInstanceUID"] == positive[1].study_uid
+    assert classes == {SEG_STORAGE, COMPREHENSIVE_3D_SR}
