@@ -55,11 +55,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # the repository root, for pipelines.*
 from _peers import (  # noqa: E402
     DCMTK_ENV,
     STORESCU_OPTIONS,
@@ -71,7 +71,8 @@ from _peers import (  # noqa: E402
     vm_kib,
 )
 
-VL_WSI_STORAGE = "1.2.840.10008.5.1.4.1.1.77.1.6"
+import pipelines.wsimil.wsi as wsi  # noqa: E402
+
 TILE = 512
 FRAME_BYTES = TILE * TILE * 3
 RSS_LIMIT_BYTES = 400 * 10**6
@@ -90,130 +91,35 @@ class Slide:
     sop_instance_uid: str
 
 
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue = value
-    item.CodingSchemeDesignator = scheme
-    item.CodeMeaning = meaning
-    return item
-
-
-def _srgb_icc() -> bytes | None:
-    """An sRGB ICC profile (required with RGB, PS3.3 C.11.15), if Pillow's ImageCms is there."""
-    try:
-        from PIL import ImageCms
-
-        return bytes(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
-    except Exception:  # Pillow or its LittleCMS missing: the slide is still fine for this benchmark
-        return None
-
-
-def _item(**kw: object) -> Dataset:
-    item = Dataset()
-    for k, v in kw.items():
-        setattr(item, k, v)
-    return item
-
-
 def slide_header(frames: int, across: int, down: int, seed: int) -> Dataset:
-    """The WSI data set without Pixel Data (PS3.3 A.32.8, roughly complete)."""
-
-    def uid(part: str) -> str:
-        return str(generate_uid(entropy_srcs=["aigw-bench-bigfile", str(seed), part]))
-
-    now = dt.datetime.now()
-    spacing_mm = 0.00025  # 0.25 um/pixel, a 40x scan
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = UID(VL_WSI_STORAGE)
-    ds.file_meta.MediaStorageSOPInstanceUID = UID(uid("instance"))
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
-    ds.SOPClassUID = VL_WSI_STORAGE
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
-    ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
-    ds.AccessionNumber = ""
-    ds.Modality = "SM"
-    ds.Manufacturer = "aigw benchmark"
-    ds.ManufacturerModelName = "synthetic slide"
-    ds.DeviceSerialNumber = "aigw-bench"
-    ds.SoftwareVersions = "1"
-    ds.ReferringPhysicianName = ""
-    ds.SeriesDescription = "BENCH WSI"
-    ds.PatientName = "BENCH^BIGFILE"
-    ds.PatientID = "AIGWBENCH02"
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
-    ds.StudyInstanceUID = uid("study")
-    ds.SeriesInstanceUID = uid("series")
-    ds.StudyID = "1"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.FrameOfReferenceUID = uid("frame-of-reference")
-    ds.PositionReferenceIndicator = "SLIDE_CORNER"
-    ds.DimensionOrganizationType = "TILED_FULL"
-    ds.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=uid("dimension-organization"))]
-    ds.ContainerIdentifier = "BENCH-SLIDE-1"
-    ds.IssuerOfTheContainerIdentifierSequence = []
-    ds.ContainerTypeCodeSequence = [_code("433466003", "SCT", "Microscope slide")]
-    ds.AcquisitionContextSequence = []
-    ds.SpecimenDescriptionSequence = [
-        _item(
-            SpecimenIdentifier="BENCH-SPECIMEN-1",
-            SpecimenUID=uid("specimen"),
-            IssuerOfTheSpecimenIdentifierSequence=[],
-            SpecimenPreparationSequence=[],
-        )
-    ]
-    ds.ImagedVolumeWidth = round(across * TILE * spacing_mm, 6)
-    ds.ImagedVolumeHeight = round(down * TILE * spacing_mm, 6)
-    ds.ImagedVolumeDepth = 0.001
-    ds.TotalPixelMatrixColumns = across * TILE
-    ds.TotalPixelMatrixRows = down * TILE
-    ds.TotalPixelMatrixFocalPlanes = 1
-    ds.TotalPixelMatrixOriginSequence = [
-        _item(XOffsetInSlideCoordinateSystem=20.0, YOffsetInSlideCoordinateSystem=40.0)
-    ]
-    ds.ImageOrientationSlide = [0, -1, 0, -1, 0, 0]
-    ds.SamplesPerPixel = 3
-    ds.PhotometricInterpretation = "RGB"
-    ds.PlanarConfiguration = 0
-    ds.NumberOfFrames = frames
-    ds.Rows = ds.Columns = TILE
-    ds.BitsAllocated = 8
-    ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.BurnedInAnnotation = "NO"
-    ds.LossyImageCompression = "00"
-    ds.VolumetricProperties = "VOLUME"
-    ds.SpecimenLabelInImage = "NO"
-    ds.FocusMethod = "AUTO"
-    ds.ExtendedDepthOfField = "NO"
-    ds.NumberOfOpticalPaths = 1
-    path_item = _item(
-        OpticalPathIdentifier="1",
-        OpticalPathDescription="brightfield",
-        IlluminationTypeCodeSequence=[_code("111744", "DCM", "Brightfield illumination")],
-        IlluminationColorCodeSequence=[_code("414298005", "SCT", "Full Spectrum")],
+    """The WSI data set without Pixel Data: one native level of ``across`` x ``down`` 512-pixel tiles at 40x."""
+    identity = wsi.SlideIdentity.derived(
+        f"bench-bigfile-{seed}",
+        patient=("BENCH^BIGFILE", "AIGWBENCH02"),
+        acquired=dt.datetime.now(),
+        manufacturer="aigw benchmark",
+        model_name="synthetic slide",
+        device_serial_number="aigw-bench",
+        series_description="BENCH WSI",
+        container_id="BENCH-SLIDE-1",
+        specimen_id="BENCH-SPECIMEN-1",
     )
-    icc = _srgb_icc()
-    if icc is not None:
-        path_item.ICCProfile = icc
-        path_item.ColorSpace = "SRGB"
-    ds.OpticalPathSequence = [path_item]
-    ds.SharedFunctionalGroupsSequence = [
-        _item(
-            PixelMeasuresSequence=[_item(PixelSpacing=[spacing_mm, spacing_mm], SliceThickness=0.001)],
-            WholeSlideMicroscopyImageFrameTypeSequence=[_item(FrameType=["ORIGINAL", "PRIMARY", "VOLUME", "NONE"])],
-            OpticalPathIdentificationSequence=[_item(OpticalPathIdentifier="1")],
-        )
-    ]
-    return ds
+    spacing_mm = 0.00025  # 0.25 um/pixel, a 40x scan
+    return wsi.slide_header(
+        identity,
+        sop_instance_uid=identity.uid("instance"),
+        instance_number=1,
+        total_columns=across * TILE,
+        total_rows=down * TILE,
+        tile_columns=TILE,
+        tile_rows=TILE,
+        frames=frames,
+        spacing_mm=spacing_mm,
+        origin_mm=(20.0, 40.0),
+        imaged_size_mm=(across * TILE * spacing_mm, down * TILE * spacing_mm),
+        compression=wsi.Compression.NONE,
+        staining=False,
+    )
 
 
 def _tiles(seed: int, count: int = 16) -> list[bytes]:
