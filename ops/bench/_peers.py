@@ -214,15 +214,16 @@ def aigw_command() -> list[str]:
 
 
 class GatewayPeer(_Peer):
-    """``aigw serve`` with a fresh data dir, no config (no pipelines: series end unrouted)."""
+    """``aigw serve`` with a fresh data dir; without ``config`` no destinations, so results stay in the outbox."""
 
     name = "aigw"
     called_ae = "AIGW"
 
-    def __init__(self, workdir: Path, series_timeout: float = 5.0) -> None:
+    def __init__(self, workdir: Path, series_timeout: float = 5.0, config: Path | None = None) -> None:
         super().__init__(workdir)
         self.data_dir = workdir / "data"
         self.series_timeout = series_timeout
+        self.config = config
 
     def command(self) -> list[str]:
         return [
@@ -234,6 +235,7 @@ class GatewayPeer(_Peer):
             "--data-dir", str(self.data_dir),
             "--metrics-port", "0",
             "--series-timeout", str(self.series_timeout),
+            *(["--config", str(self.config)] if self.config else []),
         ]  # fmt: skip
 
     def stored(self) -> int:
