@@ -15,9 +15,22 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+
+from gateway._gpu import GpuCollector
+
+if TYPE_CHECKING:
+    from gateway.config import Config
 
 __all__ = ["Metrics", "MetricsServer", "STORE_OUTCOMES", "JOB_OUTCOMES", "SEND_OUTCOMES"]
 
@@ -29,13 +42,24 @@ JOB_OUTCOMES = ("succeeded", "failed", "retried")
 SEND_OUTCOMES = ("sent", "retry", "dead")
 COMPLETION_CAUSES = ("timer", "hint", "release", "forced")
 
+#: ONNX Runtime execution providers that need a GPU.
+_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
 _LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 
 
 class Metrics:
-    """Every metric of the gateway, on an injectable registry."""
+    """Every metric of the gateway, on an injectable registry.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    Parameters
+    ----------
+    registry : CollectorRegistry, optional
+        Where the metrics live; default a new one (tests pass their own).
+    nvml : module, optional
+        pynvml's API for the GPU metrics; default ``pynvml`` itself (tests pass a fake).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, nvml: Any = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.build_info = Gauge("aigw_build_info", "Build information", ["version"], registry=r)
@@ -102,6 +126,27 @@ class Metrics:
         self.last_received = Gauge(
             "aigw_last_instance_received_timestamp_seconds", "Unix time of the last stored instance", registry=r
         )
+        # Site expectations from the configuration (see configure()), exported so
+        # that one set of alert rules serves every site: the rules compare the
+        # live values above with these instead of hard-coding thresholds.
+        self.expected_max_silence = Gauge(
+            "aigw_expected_max_silence_seconds",
+            "Longest expected time without a stored instance ([metrics] max_silence_seconds; 0: no alert)",
+            registry=r,
+        )
+        self.min_free_bytes = Gauge(
+            "aigw_data_dir_min_free_bytes",
+            "Free space under which new instances are refused with 0xA700 ([gateway] min_free_bytes)",
+            registry=r,
+        )
+        self.gpu_expected = Gauge(
+            "aigw_gpu_expected", "1 if the configuration expects a GPU (see [metrics] expect_gpu)", registry=r
+        )
+        # GPU use and memory (aigw_gpu_*), read through NVML on each scrape.
+        r.register(GpuCollector(nvml))
+        # process_start_time_seconds lets the silence alert count from the start
+        # of a process that has not received anything yet.
+        ProcessCollector(registry=r)
 
     def prime(self, version: str, pipelines: Iterable[str], destinations: Iterable[str]) -> None:
         """Export known label combinations as zero so series exist from the start."""
@@ -123,6 +168,22 @@ class Metrics:
         for d in destinations:
             for o in SEND_OUTCOMES:
                 self.sends.labels(destination=d, outcome=o)
+
+    def configure(self, config: Config) -> None:
+        """Export the site expectations that the alert rules compare against.
+
+        ``aigw_gpu_expected`` is 1 when ``[metrics] expect_gpu`` is true, or when
+        it is unset and ``[models] providers`` names a GPU execution provider
+        explicitly (``"auto"`` falls back to the CPU by design, so it expects nothing).
+        """
+        m = config.metrics
+        self.expected_max_silence.set(m.max_silence_seconds)
+        self.min_free_bytes.set(config.gateway.min_free_bytes)
+        providers = config.models.providers
+        expected = m.expect_gpu
+        if expected is None:
+            expected = providers != "auto" and any(p in _GPU_PROVIDERS for p in providers)
+        self.gpu_expected.set(1 if expected else 0)
 
 
 class MetricsServer:
