@@ -78,6 +78,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="Prometheus port (0: any free port)")
     p.add_argument("--series-timeout", type=float, metavar="SECONDS", help="default quiet period of a series")
 
+    p = sub.add_parser("worker", help="run jobs for a gateway with [jobs] executor = 'celery' (scale-out)")
+    _add_config(p)
+    p.add_argument(
+        "--device",
+        action="append",
+        choices=["cpu", "gpu"],
+        help="device class whose queue to consume (repeatable; default cpu)",
+    )
+    p.add_argument("--concurrency", type=int, metavar="N", help="jobs at once (default: [jobs] workers)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics here (0: any free port)")
+
     p = sub.add_parser("demo", help="run the end-to-end demo and write report.html")
     p.add_argument("--out", default="aigw-demo", metavar="DIR", help="demo folder (default ./aigw-demo)")
     p.add_argument("--report", default="report.html", metavar="FILE", help="report path (default ./report.html)")
@@ -173,6 +184,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _logging.configure(cfg.logging.level, cfg.logging.format)
     Gateway(cfg).serve_forever()
     return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from gateway import _logging
+
+    cfg = _load(args)
+    if cfg.jobs.executor != "celery":
+        raise ConfigError(
+            f"{args.config or '<defaults>'}: jobs.executor: `aigw worker` needs executor = 'celery'"
+            f" (got '{cfg.jobs.executor}')"
+        )
+    if args.concurrency is not None and args.concurrency < 1:
+        raise ConfigError(f"--concurrency {args.concurrency}: at least 1")
+    _logging.configure(cfg.logging.level, cfg.logging.format)
+    from gateway.distributed import run_worker
+
+    return run_worker(cfg, args.device or ["cpu"], args.concurrency, args.metrics_port)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -382,6 +410,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 _COMMANDS = {
     ("serve", None): cmd_serve,
     ("demo", None): cmd_demo,
+    ("worker", None): cmd_worker,
     ("config", "check"): cmd_config_check,
     ("route", "explain"): cmd_route_explain,
     ("jobs", "list"): cmd_jobs_list,

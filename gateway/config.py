@@ -30,6 +30,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Destination",
+    "DeviceClass",
     "ENV_VARS",
     "LatePolicy",
     "Route",
@@ -62,6 +63,13 @@ class LatePolicy(str, Enum):
 
     REPROCESS = "reprocess"  # process the series again as a new version
     IGNORE = "ignore"  # store them, but do not process again
+
+
+class DeviceClass(str, Enum):
+    """The kind of worker a pipeline's jobs go to with the distributed executor (queue ``<prefix>.<class>``)."""
+
+    CPU = "cpu"
+    GPU = "gpu"
 
 
 class UnroutedPolicy(str, Enum):
@@ -220,7 +228,20 @@ class JobSettings(_Strict):
     backoff_seconds: float = Field(default=5.0, ge=0)
     backoff_max_seconds: float = Field(default=600.0, ge=0)
     lease_seconds: float = Field(default=120.0, ge=5)
-    executor: Literal["local"] = "local"
+    executor: Literal["local", "celery"] = Field(
+        default="local",
+        description="local: jobs run in the gateway process; celery: on `aigw worker` nodes woken over a broker",
+    )
+    broker_url: str | None = Field(
+        default=None, description="broker of executor 'celery', e.g. amqp://aigw:secret@rabbit:5672/aigw"
+    )
+    queue_prefix: str = Field(
+        default="aigw", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="broker queues are <prefix>.cpu, <prefix>.gpu"
+    )
+    default_device: DeviceClass = Field(default=DeviceClass.CPU, description="device class of pipelines not in devices")
+    devices: dict[str, DeviceClass] = Field(
+        default_factory=dict, description="pipeline name -> device class of the workers that run its jobs"
+    )
 
 
 class SendSettings(_Strict):
@@ -235,6 +256,16 @@ class MetricsSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=9110, ge=0, le=65535, description="0: pick a free port")
     enabled: bool = True
+    max_silence_seconds: float = Field(
+        default=0,
+        ge=0,
+        description="alert when no instance is stored for this long (aigw_expected_max_silence_seconds); 0: off",
+    )
+    expect_gpu: bool | None = Field(
+        default=None,
+        description="alert when no GPU answers (aigw_gpu_expected); unset: expected if models.providers names "
+        "CUDA or TensorRT",
+    )
 
 
 class IdentitySettings(_Strict):
@@ -294,6 +325,28 @@ class Config(_Strict):
                 raise ValueError(f"{kind}: duplicate name(s) {sorted(dup)}")
         return self
 
+    @model_validator(mode="after")
+    def _distributed_state_is_shared(self) -> Config:
+        # Workers on other nodes read the index and the stored instances and
+        # write outputs whose absolute paths the gateway's sender opens later.
+        if self.jobs.executor != "celery":
+            return self
+        url = self.gateway.database_url or ""
+        if not self.jobs.broker_url:
+            raise ValueError("jobs.broker_url is required with jobs.executor = 'celery' (e.g. amqp://host:5672//)")
+        if not url.startswith("postgresql"):
+            raise ValueError(
+                "gateway.database_url must be a PostgreSQL URL (postgresql+psycopg://...) with"
+                " jobs.executor = 'celery': the gateway and every worker share the index"
+                f" (got {url.split('://')[0] + '://...' if url else 'the default SQLite file'})"
+            )
+        if not self.gateway.data_dir.is_absolute():
+            raise ValueError(
+                "gateway.data_dir must be an absolute path with jobs.executor = 'celery': storage shared by"
+                f" the gateway and every worker, mounted at the same path on each node (got '{self.gateway.data_dir}')"
+            )
+        return self
+
     @property
     def database_url(self) -> str:
         return self.gateway.database_url or f"sqlite:///{self.gateway.data_dir / 'index.sqlite'}"
@@ -332,6 +385,8 @@ ENV_VARS: Mapping[str, str] = {
     "AIGW_METRICS_HOST": "metrics.host",
     "AIGW_METRICS_PORT": "metrics.port",
     "AIGW_WORKERS": "jobs.workers",
+    "AIGW_EXECUTOR": "jobs.executor",
+    "AIGW_BROKER_URL": "jobs.broker_url",
     "AIGW_DESTINATIONS": "destinations",  # comma separated AE@HOST:PORT
     "AIGW_LOG_LEVEL": "logging.level",
     "AIGW_LOG_FORMAT": "logging.format",

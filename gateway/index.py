@@ -499,8 +499,15 @@ class Index:
             return ids
 
     # --------------------------------------------------------------------- jobs
-    def claim_job(self, owner: str, *, now: float, lease_seconds: float) -> sa.Row[Any] | None:
-        """Atomically take the oldest due queued job for ``owner``."""
+    def claim_job(
+        self, owner: str, *, now: float, lease_seconds: float, job_id: int | None = None
+    ) -> sa.Row[Any] | None:
+        """Atomically take the oldest due queued job for ``owner``.
+
+        With ``job_id``, take that job only, if it is queued and due (a
+        distributed worker woken for one job); None when it is done, running
+        elsewhere, waiting for its retry time, or locked by another claim.
+        """
         with self._tx() as conn:
             q = (
                 sa.select(jobs_t.c.id)
@@ -509,6 +516,8 @@ class Index:
                 .order_by(jobs_t.c.next_attempt_at, jobs_t.c.id)
                 .limit(1)
             )
+            if job_id is not None:
+                q = q.where(jobs_t.c.id == job_id)
             if not self.is_sqlite:
                 q = q.with_for_update(skip_locked=True)
             row = conn.execute(q).first()
@@ -526,6 +535,19 @@ class Index:
                 )
             )
             return conn.execute(sa.select(jobs_t).where(jobs_t.c.id == row.id)).first()
+
+    def runnable_jobs(self, now: float, limit: int = 1000) -> list[sa.Row[Any]]:
+        """Queued jobs that are due now, oldest first (what a distributed executor announces)."""
+        with self._ro() as conn:
+            return list(
+                conn.execute(
+                    sa.select(jobs_t.c.id, jobs_t.c.pipeline, jobs_t.c.attempts, jobs_t.c.next_attempt_at)
+                    .where(jobs_t.c.state == JobState.QUEUED.value)
+                    .where(jobs_t.c.next_attempt_at <= now)
+                    .order_by(jobs_t.c.next_attempt_at, jobs_t.c.id)
+                    .limit(limit)
+                )
+            )
 
     def renew_lease(self, job_id: int, owner: str, until: float) -> bool:
         with self._tx() as conn:

@@ -13,8 +13,9 @@ series, its version, the pipeline and the model versions
 instances and PACS never receives duplicates.
 
 :class:`JobRunner` runs one job anywhere; :class:`LocalExecutor` is the
-embedded pool that feeds it. A distributed executor replaces the pool and
-calls the same runner on other nodes.
+embedded pool that feeds it. The distributed executor
+(:mod:`gateway.distributed`, ``jobs.executor = "celery"``) replaces the pool
+and calls the same runner on worker nodes.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from gateway import __version__
 from gateway.completion import Completer
@@ -27,6 +28,9 @@ from gateway.routing import Router
 from gateway.scp import StorageSCP
 from gateway.scu import Sender
 from gateway.storage import DataDir
+
+if TYPE_CHECKING:
+    from gateway.distributed import JobPublisher
 
 __all__ = ["Gateway"]
 
@@ -48,6 +52,7 @@ class Gateway:
     def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
+        self.metrics.configure(config)  # the site expectations the alert rules compare against
         self.data = DataDir(config.gateway.data_dir)
         self.index = Index(config.database_url)
         self.models = ModelRegistry(config.models.dir, config.models.providers)
@@ -80,7 +85,14 @@ class Gateway:
         self.runner = JobRunner(
             config, self.index, self.data, self.models, self.plugins.available, self.metrics, __version__
         )
-        self.executor = LocalExecutor(self.runner, self.index, config, self.metrics)
+        self.executor: LocalExecutor | JobPublisher
+        if config.jobs.executor == "celery":
+            # Scale-out: jobs run on `aigw worker` nodes; this node only announces them.
+            from gateway.distributed import JobPublisher
+
+            self.executor = JobPublisher(self.index, config, self.metrics)
+        else:
+            self.executor = LocalExecutor(self.runner, self.index, config, self.metrics)
         self.sender = Sender(config, self.index, self.metrics)
         self.http: MetricsServer | None = None
         self._stopped = threading.Event()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from gateway.contract import Identity, InputError, RunContext, Series
+from gateway.contract import Identity, InputError, RunContext
 from gateway.uids import derived_uid
 from pipelines.lf2hf.infer import make_session
 from pipelines.lf2hf.pipeline import Lf2hfPipeline
