@@ -182,7 +182,16 @@ def end_to_end(models: Path) -> dict[str, Any]:
             )
             gw = GatewayPeer(root / "gw", series_timeout=30.0, config=config).start()
             try:
-                send = [dcmtk("storescu"), "-aec", gw.called_ae, "127.0.0.1", str(gw.port), *map(str, files.paths)]
+                send = [
+                    dcmtk("storescu"),
+                    "-R",
+                    "-xy",
+                    "-aec",
+                    gw.called_ae,
+                    "127.0.0.1",
+                    str(gw.port),
+                    *map(str, files.paths),
+                ]
                 subprocess.run(send, check=True, capture_output=True, timeout=300)
                 t0 = time.perf_counter()
                 while pacs.stored() < 2:

@@ -42,7 +42,7 @@ __all__ = ["Chunk", "SlideReader", "TileGrid", "open_slide"]
 log = logging.getLogger(__name__)
 
 CHUNK_TILES = 8  # a chunk is 8 x 8 model tiles (256 x 256 model pixels)
-DETECT_MAX_PIXELS = 4096  # largest stored level side read whole for tissue detection
+DETECT_MAX_PIXELS = 2048  # largest stored level side read whole for tissue detection
 # Level mpp within this fraction of the model's is read as is (2.0 vs 2.02 um is no difference to the model).
 SCALE_TOLERANCE = 0.08
 
