@@ -70,6 +70,16 @@ class TileGrid:
         return self.tile_level_px * (1 << self.level)
 
     @property
+    def whole(self) -> tuple[int, int]:
+        """Rows and columns of tiles that lie wholly inside the level: the only ones scored.
+
+        The model was trained on whole tiles (a tile cut by the slide's edge
+        would be partly white padding); the grid's last row and column may be
+        partial and stay 0 in the map.
+        """
+        return self.level_size[1] // self.tile_level_px, self.level_size[0] // self.tile_level_px
+
+    @property
     def tile_mpp(self) -> float:
         """Micrometres covered by one model tile (the segmentation's pixel size)."""
         return self.tile_level_px * self.level_mpp
@@ -218,7 +228,7 @@ class SlideReader:
                 tiles, local, readable = self._salvage(x, y, exc)
             self.stats.chunks_read += 1
             rc = local + np.array([cr * CHUNK_TILES, cc * CHUNK_TILES])
-            inside = (rc[:, 0] < g.rows) & (rc[:, 1] < g.columns)
+            inside = (rc[:, 0] < g.whole[0]) & (rc[:, 1] < g.whole[1])
             self.stats.tiles_examined += int(np.count_nonzero(inside & readable))
             keep = inside & readable & (tissue_fraction(tiles) >= MIN_TISSUE_FRACTION)
             if np.any(keep):
@@ -239,7 +249,7 @@ class SlideReader:
                 readable[i] = True
             except Exception:
                 pass
-        inside = (local[:, 0] + y // t < g.rows) & (local[:, 1] + x // t < g.columns)
+        inside = (local[:, 0] + y // t < g.whole[0]) & (local[:, 1] + x // t < g.whole[1])
         self.stats.tiles_unreadable += int(np.count_nonzero(inside & ~readable))
         return tiles, local, readable
 
