@@ -363,6 +363,23 @@ def cmd_series_complete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_providers(reg: Any) -> tuple[list[str], str]:
+    """The providers this node would give sessions (none loaded), and the PROVIDER column's text.
+
+    An onnxruntime that is missing, broken or reports odd provider names must
+    not stop the listing: the column then says why it is unknown.
+    """
+    from gateway.models import provider_label
+
+    try:
+        providers = [str(p) for p in reg.providers]
+    except Exception as exc:
+        return [], f"unknown ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"[:80]
+    if not providers:
+        return [], "unknown (no execution provider)"
+    return providers, provider_label(providers[0])
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from gateway.models import ModelRegistry
     from gateway.plugins import discover
@@ -371,15 +388,26 @@ def cmd_models(args: argparse.Namespace) -> int:
     reg = ModelRegistry(cfg.models.dir, cfg.models.providers)
     manifests = reg.manifests()
     if args.action == "list":
+        providers, provider = _node_providers(reg)
+        plugins = discover(cfg, reg)
+        batch: dict[str, str] = {}
+        for p in plugins.available.values():
+            try:
+                batch.update((s.name, str(s.batch_size)) for s in p.models())
+            except Exception:  # discover() has vetted models() already; a flaky plugin only loses the column
+                pass
+        batch.update((name, f"{n} (config)") for name, n in cfg.models.batch_sizes.items())
         print(f"models dir: {reg.root}")
-        print(f"execution providers: {', '.join(reg.providers)}")
+        print(
+            f"execution providers: {', '.join(providers) or provider}"
+            " (sessions run on the first: TensorRT or CUDA where a CUDA device is present, else CPU)"
+        )
         _table(
-            [(m.name, m.version, m.file, m.sha256[:16]) for m in manifests.values()],
-            ["MODEL", "VERSION", "FILE", "SHA256"],
+            [(m.name, m.version, m.file, m.sha256[:16], provider, batch.get(m.name, "-")) for m in manifests.values()],
+            ["MODEL", "VERSION", "FILE", "SHA256", "PROVIDER", "BATCH"],
         )
         for name, err in reg.errors().items():
             print(f"invalid: {name}: {err}")
-        plugins = discover(cfg, reg)
         for name, p in sorted(plugins.available.items()):
             print(f"pipeline {name}: available (models: {', '.join(s.name for s in p.models()) or 'none'})")
         for name, why in sorted(plugins.unavailable.items()):

@@ -242,6 +242,19 @@ class JobSettings(_Strict):
     devices: dict[str, DeviceClass] = Field(
         default_factory=dict, description="pipeline name -> device class of the workers that run its jobs"
     )
+    max_concurrent_per_device: dict[DeviceClass, int] = Field(
+        default_factory=lambda: {DeviceClass.GPU: 1},
+        description="jobs running at once per device class in one process (a job is 'gpu' when one of its models "
+        "runs on CUDA or TensorRT); a class not listed is limited by workers only",
+    )
+
+    @field_validator("max_concurrent_per_device")
+    @classmethod
+    def _per_device(cls, v: dict[DeviceClass, int]) -> dict[DeviceClass, int]:
+        for device, n in v.items():
+            if n < 1:
+                raise ValueError(f"{device.value} = {n}: at least 1 (leave the class out for no limit)")
+        return v
 
 
 class SendSettings(_Strict):
@@ -281,6 +294,28 @@ class IdentitySettings(_Strict):
 class ModelSettings(_Strict):
     dir: Path | None = Field(default=None, description="default: the installed exported_models/")
     providers: list[str] | Literal["auto"] = "auto"
+    warmup: bool = Field(
+        default=True,
+        description="at start, load and run each model of every available pipeline once on inputs built from its "
+        "manifest, so the first job does not pay for session creation and CUDA/TensorRT kernel selection",
+    )
+    io_binding: bool = Field(
+        default=True, description="run sessions on CUDA or TensorRT through ONNX Runtime IO binding; CPU: plain run"
+    )
+    batch_sizes: dict[str, int] = Field(
+        default_factory=dict,
+        description="model name -> items per session.run, overriding the pipeline's ModelSpec.batch_size",
+    )
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batch_sizes(cls, v: dict[str, int]) -> dict[str, int]:
+        for name, n in v.items():
+            if not re.match(r"^[a-z0-9][a-z0-9._-]*$", name):
+                raise ValueError(f"{name!r} is not a model name (lower case letters, digits, '.', '_', '-')")
+            if not 1 <= n <= 1_048_576:
+                raise ValueError(f"{name} = {n}: a batch size is between 1 and 1048576")
+        return v
 
 
 class PipelineSettings(BaseModel):

@@ -377,6 +377,10 @@ class RunContext:
         ``flag(kind, count)`` counts events operations should see, such as
         slices failing a consistency check; exported as
         ``aigw_pipeline_flags_total{pipeline, kind}``. Use a few fixed kinds.
+    batch_sizes : mapping of str to int
+        Items per ``session.run`` for each declared model: the model's
+        :attr:`ModelSpec.batch_size` unless ``[models] batch_sizes`` overrides
+        it for this node. Read it with :meth:`batch_size`.
     """
 
     sessions: Mapping[str, onnxruntime.InferenceSession]
@@ -390,6 +394,11 @@ class RunContext:
     progress: Callable[[float, str], None] = lambda fraction, message: None
     model_versions: Mapping[str, str] = field(default_factory=dict)
     flag: Callable[[str, int], None] = lambda kind, count: None
+    batch_sizes: Mapping[str, int] = field(default_factory=dict)
+
+    def batch_size(self, name: str, default: int) -> int:
+        """Items per ``session.run`` for model ``name``: the configured size, else ``default``."""
+        return int(self.batch_sizes.get(name, default))
 
 
 @runtime_checkable

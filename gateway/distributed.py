@@ -351,6 +351,7 @@ class WorkerNode:
         if not self.index.ping():
             raise ConfigError(f"gateway.database_url: cannot reach the index at {_redact(config.database_url)}")
         self.models = ModelRegistry(config.models.dir, config.models.providers)
+        self.metrics.watch_models(self.models)
         self.plugins = discover(config, self.models)
         self.runner = JobRunner(
             config, self.index, self.data, self.models, self.plugins.available, self.metrics, __version__
@@ -425,6 +426,7 @@ def run_worker(
         http = MetricsServer(node.metrics, config.metrics.host, metrics_port, node.readiness)
         http.start()
         log.info("worker metrics on http://%s:%d/metrics", config.metrics.host, http.port)
+    node.runner.warm_up()  # before consuming, so the first job does not load the models
     app = make_app(config)
     queues = [queue_name(config, d) for d in classes]
     worker = app.Worker(

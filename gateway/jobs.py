@@ -26,15 +26,16 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
 
 from gateway._loop import PeriodicLoop
-from gateway.config import Config
+from gateway.config import Config, DeviceClass
 from gateway.contract import Identity, InputError, Pipeline, RunContext
 from gateway.index import Index
 from gateway.metrics import Metrics
@@ -42,7 +43,7 @@ from gateway.models import ModelRegistry, TimedSession
 from gateway.storage import DataDir, write_durably
 from gateway.uids import checked_uid, derived_uid, short_ref
 
-__all__ = ["JobRunner", "LocalExecutor", "backoff", "node_id"]
+__all__ = ["DeviceSlots", "JobRunner", "LocalExecutor", "backoff", "job_device", "node_id"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,62 @@ def backoff(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with jitter: base * 2^(attempt-1), capped, +-20%."""
     delay = min(cap, base * (2 ** max(0, attempt - 1)))
     return float(delay * random.uniform(0.8, 1.2))
+
+
+def job_device(sessions: Iterable[TimedSession]) -> DeviceClass:
+    """The device class of a job: GPU when one of its sessions prefers CUDA or TensorRT, else CPU."""
+    return DeviceClass.GPU if any(s.device == DeviceClass.GPU.value for s in sessions) else DeviceClass.CPU
+
+
+class DeviceSlots:
+    """Limits on jobs running at once per device class in this process (``[jobs] max_concurrent_per_device``).
+
+    The worker pool already bounds jobs in total; this bounds those that share
+    a GPU, whose memory and streams several concurrent jobs would contend for.
+    A class without a limit is not held back.
+
+    Parameters
+    ----------
+    limits : mapping of DeviceClass to int
+        Jobs at once for each limited class.
+    """
+
+    def __init__(self, limits: Mapping[DeviceClass, int]) -> None:
+        self._limits = {DeviceClass(d): int(n) for d, n in limits.items()}
+        self._sems = {d: threading.BoundedSemaphore(n) for d, n in self._limits.items()}
+        self._lock = threading.Lock()
+        self._waiting: dict[DeviceClass, int] = {d: 0 for d in DeviceClass}
+
+    def limit(self, device: DeviceClass) -> int | None:
+        """Jobs at once for ``device``, None when unlimited."""
+        return self._limits.get(device)
+
+    def waiting(self, device: DeviceClass) -> int:
+        """Jobs blocked right now waiting for a ``device`` slot."""
+        with self._lock:
+            return self._waiting[device]
+
+    @contextmanager
+    def hold(self, device: DeviceClass, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        """Hold a slot of ``device`` for the block; ``on_wait`` is called once if the job has to wait."""
+        sem = self._sems.get(device)
+        if sem is None:
+            yield
+            return
+        if not sem.acquire(blocking=False):
+            if on_wait is not None:
+                on_wait()
+            with self._lock:
+                self._waiting[device] += 1
+            try:
+                sem.acquire()
+            finally:
+                with self._lock:
+                    self._waiting[device] -= 1
+        try:
+            yield
+        finally:
+            sem.release()
 
 
 class _JobLog(logging.LoggerAdapter[logging.Logger]):
@@ -104,6 +161,28 @@ class JobRunner:
             device_serial_number=config.identity.device_serial_number,
             institution_name=config.identity.institution_name,
         )
+        self.device_slots = DeviceSlots(config.jobs.max_concurrent_per_device)
+        unknown = sorted(set(config.models.batch_sizes) - set(models.manifests()))
+        if unknown:
+            log.warning("[models] batch_sizes names no model in %s: %s", models.root, ", ".join(unknown))
+
+    def warm_up(self) -> dict[str, str | None]:
+        """Load and run once every model of the available pipelines (``[models] warmup``); never raises.
+
+        Returns
+        -------
+        dict
+            Model name -> None when warmed up, else why not (see :meth:`ModelRegistry.warm_up`).
+        """
+        if not self.config.models.warmup:
+            return {}
+        names: list[str] = []
+        for name, pipeline in sorted(self.pipelines.items()):
+            try:
+                names.extend(s.name for s in pipeline.models())
+            except Exception as exc:
+                log.warning("pipeline %s: models() raised %s: %s; not warmed up", name, type(exc).__name__, exc)
+        return self.models.warm_up(names, io_binding=self.config.models.io_binding)
 
     def run(self, job: Any, owner: str) -> None:
         """Execute ``job`` (a claimed row) and record its outcome; never raises."""
@@ -118,7 +197,10 @@ class JobRunner:
             if series is None or not series.instances:
                 raise InputError("series has no stored instances")
             specs = list(pipeline.models())
-            sessions = {s.name: TimedSession(self.models.session(s.name)) for s in specs}
+            io_binding = self.config.models.io_binding
+            sessions = {s.name: TimedSession(self.models.session(s.name), io_binding=io_binding) for s in specs}
+            sizes = self.config.models.batch_sizes
+            batch_sizes = {s.name: sizes.get(s.name, s.batch_size) for s in specs}
             model_versions = {s.name: self.models.get(s.name).version for s in specs}
             uid_parts = (
                 job.series_uid,
@@ -137,6 +219,7 @@ class JobRunner:
                 progress=lambda f, m: jlog.debug("progress %.0f%% %s", 100 * f, m),
                 model_versions=model_versions,
                 flag=lambda kind, n: self.metrics.pipeline_flags.labels(pipeline=job.pipeline, kind=kind[:32]).inc(n),
+                batch_sizes=batch_sizes,
             )
             jlog.info(
                 "running on series %s v%d (%d instances)",
@@ -144,7 +227,16 @@ class JobRunner:
                 job.series_version,
                 series.instance_count,
             )
-            outputs = list(pipeline.run(series, ctx))
+            device = job_device(sessions.values())
+            with self.device_slots.hold(
+                device,
+                on_wait=lambda: jlog.info(
+                    "waiting for a %s slot ([jobs] max_concurrent_per_device = %s)",
+                    device.value,
+                    self.device_slots.limit(device),
+                ),
+            ):
+                outputs = list(pipeline.run(series, ctx))
             inference = sum(s.seconds for s in sessions.values())
             stored = self._store_outputs(job.id, outputs)
             dests = [d.name for d in self.config.destinations]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -26,11 +26,13 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from gateway._gpu import GpuCollector
 
 if TYPE_CHECKING:
     from gateway.config import Config
+    from gateway.models import ModelRegistry
 
 __all__ = ["Metrics", "MetricsServer", "STORE_OUTCOMES", "JOB_OUTCOMES", "SEND_OUTCOMES"]
 
@@ -46,6 +48,35 @@ COMPLETION_CAUSES = ("timer", "hint", "release", "forced")
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 _LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+
+
+class _ModelInfoCollector:
+    """``aigw_model_info{model, version, provider} 1`` for each model whose session is loaded, read at scrape.
+
+    Labels stay bounded: model names and versions come from the manifests in
+    the models directory, providers from the few ONNX Runtime was built with.
+    """
+
+    def __init__(self) -> None:
+        self.models: ModelRegistry | None = None  # set by Metrics.watch_models
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "aigw_model_info",
+            "1 for each loaded model session, with the execution provider it runs on",
+            labels=["model", "version", "provider"],
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        loaded = self.models.loaded() if self.models is not None else {}
+        for name, (version, provider) in sorted(loaded.items()):
+            family.add_metric([name, version, provider], 1)
+        yield family
 
 
 class Metrics:
@@ -147,6 +178,13 @@ class Metrics:
         # process_start_time_seconds lets the silence alert count from the start
         # of a process that has not received anything yet.
         ProcessCollector(registry=r)
+        # aigw_model_info, filled from the model registry at each scrape (see watch_models).
+        self._model_info = _ModelInfoCollector()
+        r.register(self._model_info)
+
+    def watch_models(self, models: ModelRegistry) -> None:
+        """Export ``aigw_model_info`` for the sessions that ``models`` has loaded."""
+        self._model_info.models = models
 
     def prime(self, version: str, pipelines: Iterable[str], destinations: Iterable[str]) -> None:
         """Export known label combinations as zero so series exist from the start."""

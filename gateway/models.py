@@ -16,15 +16,26 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.storage import sha256_file
 
-__all__ = ["ModelError", "ModelManifest", "ModelRegistry", "TimedSession", "choose_providers", "default_models_dir"]
+__all__ = [
+    "GPU_PROVIDERS",
+    "ModelError",
+    "ModelManifest",
+    "ModelRegistry",
+    "TimedSession",
+    "choose_providers",
+    "default_models_dir",
+    "provider_label",
+    "warmup_inputs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -113,24 +124,149 @@ def choose_providers(requested: Sequence[str] | str = "auto") -> list[str]:
     return chosen + ["CPUExecutionProvider"]
 
 
-class TimedSession:
-    """An InferenceSession proxy that adds up the time spent in ``run``."""
+#: ONNX Runtime execution providers that run on a CUDA device.
+GPU_PROVIDERS = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
 
-    def __init__(self, session: Any) -> None:
+_PROVIDER_LABELS = {
+    "TensorrtExecutionProvider": "TensorRT",
+    "CUDAExecutionProvider": "CUDA",
+    "CPUExecutionProvider": "CPU",
+}
+
+#: ONNX type names a manifest may use instead of numpy's (``float`` is float32 in ONNX, float64 in numpy).
+_ONNX_DTYPES = {"float": "float32", "double": "float64", "float16": "float16", "int64": "int64", "int32": "int32"}
+
+
+def provider_label(provider: object) -> str:
+    """Short name of an execution provider for people: TensorRT, CUDA, CPU, or the name without its suffix."""
+    name = str(provider)
+    return _PROVIDER_LABELS.get(name) or name.removesuffix("ExecutionProvider") or name
+
+
+def _first_provider(session: Any) -> str:
+    """The provider a session prefers; sessions that cannot say (test doubles) count as CPU."""
+    try:
+        return str(session.get_providers()[0])
+    except Exception:
+        return "CPUExecutionProvider"
+
+
+def _bind_target(session: Any, provider: str) -> tuple[str, int]:
+    """Where IO binding puts outputs: ``("cuda", device_id)`` for the GPU providers, else the host."""
+    if provider not in GPU_PROVIDERS:
+        return "cpu", 0
+    try:
+        options = session.get_provider_options().get(provider, {})
+        return "cuda", int(options.get("device_id", 0))
+    except Exception:
+        return "cuda", 0
+
+
+class TimedSession:
+    """An InferenceSession proxy that adds up the time spent in ``run`` and binds buffers on a GPU.
+
+    ``run(output_names, input_feed, run_options=None)`` behaves as
+    ``InferenceSession.run``: outputs are numpy arrays, in the order of
+    ``output_names`` (all outputs in model order when None or empty). With IO
+    binding the inputs are bound from host memory, the outputs are allocated
+    by ONNX Runtime on the session's device and copied back once, which spares
+    the per-call output staging on CUDA and TensorRT. Feeds that are not plain
+    numeric numpy arrays (OrtValues, strings) take the ordinary path.
+
+    Parameters
+    ----------
+    session : onnxruntime.InferenceSession
+        The shared session (``run`` is thread-safe in ONNX Runtime).
+    io_binding : bool
+        Use IO binding when the session's first provider is CUDA or TensorRT
+        (``[models] io_binding``); sessions on the CPU keep the plain ``run``.
+    force_io_binding : bool
+        Use IO binding whatever the provider. The CPU provider supports it as
+        well, which lets tests compare both paths on machines without a GPU.
+    """
+
+    def __init__(self, session: Any, io_binding: bool = False, force_io_binding: bool = False) -> None:
         self._session = session
         self.seconds = 0.0
         self._lock = threading.Lock()
+        #: The execution provider the session prefers (ONNX Runtime's name).
+        self.provider = _first_provider(session)
+        #: ``"gpu"`` when that provider runs on a CUDA device, else ``"cpu"``.
+        self.device = "gpu" if self.provider in GPU_PROVIDERS else "cpu"
+        self.io_binding = force_io_binding or (io_binding and self.device == "gpu")
+        self._target = _bind_target(session, self.provider) if self.io_binding else ("cpu", 0)
+        if self.io_binding:
+            try:
+                # Sequence and map outputs cannot be bound to a device buffer.
+                tensors_only = all(str(o.type).startswith("tensor(") for o in session.get_outputs())
+            except Exception:
+                tensors_only = False
+            self.io_binding = tensors_only
 
-    def run(self, *args: Any, **kwargs: Any) -> Any:
+    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any], run_options: Any = None) -> Any:
+        """Run the model as ``InferenceSession.run`` does, timing the call."""
         t0 = time.perf_counter()
         try:
-            return self._session.run(*args, **kwargs)
+            if self.io_binding and all(_bindable(v) for v in input_feed.values()):
+                return self._run_bound(output_names, input_feed, run_options)
+            return self._session.run(output_names, input_feed, run_options)
         finally:
             with self._lock:
                 self.seconds += time.perf_counter() - t0
 
+    def _run_bound(
+        self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any], run_options: Any
+    ) -> list[np.ndarray]:
+        # A binding per call: the session is shared by concurrent jobs, a binding is not thread-safe.
+        binding = self._session.io_binding()
+        for name, value in input_feed.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        names = list(output_names) if output_names else [o.name for o in self._session.get_outputs()]
+        device, device_id = self._target
+        for name in names:
+            binding.bind_output(name, device, device_id)
+        self._session.run_with_iobinding(binding, run_options)
+        return list(binding.copy_outputs_to_cpu())
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._session, name)
+
+
+def _bindable(value: Any) -> bool:
+    return isinstance(value, np.ndarray) and value.dtype.kind in "biuf"
+
+
+def _numpy_dtype(name: str) -> np.dtype[Any]:
+    """A manifest dtype (numpy's ``float32`` or ONNX's ``tensor(float)``) as a numpy dtype."""
+    bare = name.strip().removeprefix("tensor(").removesuffix(")")
+    return np.dtype(_ONNX_DTYPES.get(bare, bare))
+
+
+def warmup_inputs(manifest: ModelManifest, batch: int = 1, size: int = 32) -> dict[str, np.ndarray]:
+    """Small inputs for one run of a model, built from its manifest's input shapes and dtypes.
+
+    Parameters
+    ----------
+    manifest : ModelManifest
+        The model card; its ``inputs`` give names, shapes and dtypes.
+    batch : int
+        Size of a symbolic first (batch) dimension.
+    size : int
+        Size of every other symbolic dimension (image height, tokens...).
+
+    Raises
+    ------
+    TypeError
+        For a dtype numpy does not know.
+    """
+    feeds = {}
+    for spec in manifest.inputs:
+        dims = [
+            d if isinstance(d, int) and d > 0 else (batch if i == 0 else size) for i, d in enumerate(spec.shape)
+        ]
+        # Ones, not zeros: a masked or normalised input of zeros divides by zero in some graphs.
+        feeds[spec.name] = np.ones(dims, dtype=_numpy_dtype(spec.dtype))
+    return feeds
 
 
 class ModelRegistry:
@@ -226,3 +362,55 @@ class ModelRegistry:
         log.info("model %s %s loaded on %s", name, self.get(name).version, sess.get_providers()[0])
         with self._lock:
             return self._sessions.setdefault(name, sess)
+
+    def loaded(self) -> dict[str, tuple[str, str]]:
+        """Models whose session exists: name -> (version, execution provider the session prefers)."""
+        with self._lock:
+            sessions = dict(self._sessions)
+        out = {}
+        for name, sess in sessions.items():
+            m = self._manifests.get(name)
+            out[name] = (m.version if m is not None else "unknown", _first_provider(sess))
+        return out
+
+    def warm_up(self, names: Iterable[str], io_binding: bool = True) -> dict[str, str | None]:
+        """Create each model's session and run it once, so that the first job does not pay for it.
+
+        The first run on CUDA or TensorRT also selects kernels (and builds
+        TensorRT engines), which can take far longer than the inference. The
+        inputs come from the manifest (:func:`warmup_inputs`). A model that
+        fails is logged as a warning with its name and left to the first job,
+        which will fail or succeed on its own; warm-up never raises.
+
+        Parameters
+        ----------
+        names : iterable of str
+            Models to warm up (duplicates are run once).
+        io_binding : bool
+            Run through IO binding where jobs will (``[models] io_binding``).
+
+        Returns
+        -------
+        dict
+            Model name -> None when warmed up, else the reason it failed.
+        """
+        results: dict[str, str | None] = {}
+        for name in dict.fromkeys(names):
+            t0 = time.perf_counter()
+            try:
+                session = TimedSession(self.session(name), io_binding=io_binding)
+                session.run(None, warmup_inputs(self.get(name)))
+            except Exception as exc:
+                lines = str(exc).strip().splitlines()
+                results[name] = f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+                log.warning("model %s: warm-up failed (the first job will load it): %s", name, results[name])
+                continue
+            results[name] = None
+            log.info(
+                "model %s warmed up on %s in %.2f s%s",
+                name,
+                provider_label(session.provider),
+                time.perf_counter() - t0,
+                " (IO binding)" if session.io_binding else "",
+            )
+        return results

@@ -56,6 +56,7 @@ class Gateway:
         self.data = DataDir(config.gateway.data_dir)
         self.index = Index(config.database_url)
         self.models = ModelRegistry(config.models.dir, config.models.providers)
+        self.metrics.watch_models(self.models)
         self.plugins: PluginSet = discover(config, self.models)
         self.router = Router(
             config.routes,
@@ -130,6 +131,10 @@ class Gateway:
             self.http.start()
             log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.http.port)
         self.refresh_gauges()
+        if isinstance(self.executor, LocalExecutor):
+            # Jobs run here: load models before the first one. With the distributed
+            # executor they run on workers, which warm up themselves.
+            self.runner.warm_up()
         self.executor.start()
         self.sender.start()
         self.completer.start()

@@ -452,7 +452,9 @@ class FullLsqEstimator:
         return theta
 
 
-def select_method(name: IvimMethod | str, session: "onnxruntime.InferenceSession | None" = None) -> IvimEstimator:
+def select_method(
+    name: IvimMethod | str, session: "onnxruntime.InferenceSession | None" = None, batch: int = NET_BATCH
+) -> IvimEstimator:
     """Return the estimator called ``name``.
 
     Parameters
@@ -461,6 +463,8 @@ def select_method(name: IvimMethod | str, session: "onnxruntime.InferenceSession
         ``"net"``, ``"lsq-segmented"`` or ``"lsq-full"``.
     session : onnxruntime.InferenceSession, optional
         Needed for ``"net"``.
+    batch : int
+        Voxels per network run (``"net"`` only).
 
     Returns
     -------
@@ -480,7 +484,7 @@ def select_method(name: IvimMethod | str, session: "onnxruntime.InferenceSession
     if method is IvimMethod.NET:
         if session is None:
             raise ValueError("the 'net' IVIM method needs an onnxruntime session")
-        return IvimNetEstimator(session)
+        return IvimNetEstimator(session, batch=batch)
     if method is IvimMethod.LSQ_SEGMENTED:
         return SegmentedLsqEstimator()
     return FullLsqEstimator()

@@ -26,7 +26,7 @@ from pydicom import Dataset
 
 from gateway.contract import InputError, ModelSpec, RunContext, Selection, Series, SeriesInfo
 from pipelines.ivim.dicom import PARAMETERS, derived_mr_series, parametric_map
-from pipelines.ivim.fit import IvimMethod, select_method
+from pipelines.ivim.fit import NET_BATCH, IvimMethod, select_method
 from pipelines.ivim.preprocess import background_mask, bvalues_from_headers, load_dwi
 
 __all__ = ["IvimPipeline", "MODEL"]
@@ -53,7 +53,7 @@ class IvimPipeline:
         return Selection(True, f"MR diffusion with {len(bvals)} distinct b-values")
 
     def models(self) -> Sequence[ModelSpec]:
-        return [ModelSpec(MODEL, batch_size=65536)]
+        return [ModelSpec(MODEL, batch_size=NET_BATCH)]
 
     def run(self, series: Series, ctx: RunContext) -> list[Dataset]:
         opts = ctx.options
@@ -70,7 +70,7 @@ class IvimPipeline:
         maps = {p.key: np.zeros((z, rows, cols), np.float32) for p in PARAMETERS}
         if voxels.shape[0]:
             try:
-                estimator = select_method(method, ctx.sessions.get(MODEL))
+                estimator = select_method(method, ctx.sessions.get(MODEL), batch=ctx.batch_size(MODEL, NET_BATCH))
                 params = estimator.fit(voxels.astype(np.float32), volume.bvalues)
             except ValueError as exc:  # protocol outside what the method supports
                 raise InputError(str(exc)) from None

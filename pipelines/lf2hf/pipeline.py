@@ -106,7 +106,7 @@ class Lf2hfPipeline:
         if contrast == "auto":
             contrast = guess_contrast(sources[0])
         ctx.progress(0.2, "slices read")
-        out = enhance(ctx.sessions[MODEL], slices, b0, contrast, batch=8)
+        out = enhance(ctx.sessions[MODEL], slices, b0, contrast, batch=ctx.batch_size(MODEL, 8))
         cons = degrade(out, b0, slices)
         flagged = int(np.count_nonzero(cons.flagged))
         if flagged:

@@ -148,7 +148,8 @@ class WsiMilPipeline:
         paths = [i.path for i in series.instances if i.sop_class_uid == WSI_STORAGE]
         reader = open_slide(paths)
         try:
-            score = score_slide(reader, ctx.sessions[ENCODER], ctx.sessions[HEAD], ctx.progress)
+            encoder_batch = ctx.batch_size(ENCODER, _BATCH)  # [models] batch_sizes may override it per node
+            score = score_slide(reader, ctx.sessions[ENCODER], ctx.sessions[HEAD], ctx.progress, batch=encoder_batch)
             stats, grid = score.stats, score.grid
             if stats.tiles_unreadable:
                 ctx.flag("unreadable_tile", stats.tiles_unreadable)
