@@ -132,7 +132,7 @@ def test_permanent_rejection_goes_to_deadletter_and_can_be_retried(
         assert gw.metrics()["aigw_deadletter_size"] == 2
         r = gw.cli("deadletter", "retry", "--all")
         assert r.returncode == 0 and "2 send(s) queued again" in r.stdout
-        wait_for(lambda: all(s.attempts == 1 and s.state == "dead" for s in _sends(gw)), 30, "retried sends")
+        wait_for(lambda: all(s.attempts == 1 and s.state == "dead" for s in _sends(gw)), 60, "retried sends")
     finally:
         strict.stop()
 
