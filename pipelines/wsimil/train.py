@@ -134,8 +134,9 @@ class TrainConfig:
     stain_p : float
         Probability of the optical-density stain augmentation per bag.
     stain_scale : tuple of float
-        Range of the independent haematoxylin and eosin scale factors
-        (log-uniform).
+        Range of the haematoxylin scale factor (log-uniform).
+    stain_scale_e : tuple of float
+        Range of the eosin scale factor (log-uniform), drawn independently.
     stain_vector_sd : float
         Standard deviation of the perturbation of each component of the unit
         H and E vectors.
@@ -163,8 +164,9 @@ class TrainConfig:
     warmup: int = 50
     weight_decay: float = 1e-5
     mil_weight: float = 1.0
-    stain_p: float = 0.8
-    stain_scale: tuple[float, float] = (0.6, 1.6)
+    stain_p: float = 0.85
+    stain_scale: tuple[float, float] = (0.55, 1.8)
+    stain_scale_e: tuple[float, float] = (0.7, 1.4)
     stain_vector_sd: float = 0.03
     gamma: tuple[float, float] = (0.8, 1.25)
     jpeg_p: float = 0.5
@@ -260,7 +262,7 @@ def _stain_augment(tiles: np.ndarray, rng: np.random.Generator, cfg: TrainConfig
 
     The tiles are unmixed with the fixed reference matrix into haematoxylin,
     eosin and residual concentrations; haematoxylin and eosin are scaled
-    independently (log-uniform in ``cfg.stain_scale``), the H and E vectors
+    independently (log-uniform in ``cfg.stain_scale`` and ``cfg.stain_scale_e``), the H and E vectors
     are perturbed by ``cfg.stain_vector_sd`` and renormalised, and the
     concentrations are remixed and turned back into light. A random gamma
     (log-uniform in ``cfg.gamma``) then scales all optical density as the
@@ -268,8 +270,9 @@ def _stain_augment(tiles: np.ndarray, rng: np.random.Generator, cfg: TrainConfig
     generator (weak haematoxylin with strong eosin is the case that a model
     trained on the generator's own spread misses).
     """
-    lo, hi = np.log(cfg.stain_scale[0]), np.log(cfg.stain_scale[1])
-    scale = np.exp(rng.uniform(lo, hi, 2))
+    lo = np.log([cfg.stain_scale[0], cfg.stain_scale_e[0]])
+    hi = np.log([cfg.stain_scale[1], cfg.stain_scale_e[1]])
+    scale = np.exp(rng.uniform(lo, hi))
     target = _STAIN_REF.copy()
     target[:2] += rng.normal(0.0, cfg.stain_vector_sd, (2, 3))
     target[:2] = np.clip(target[:2], 0.01, None)
@@ -582,6 +585,7 @@ def write_manifests(out: Path, log: dict[str, Any], metrics: dict[str, Any]) -> 
                     "mil_weight",
                     "stain_p",
                     "stain_scale",
+                    "stain_scale_e",
                     "stain_vector_sd",
                     "gamma",
                     "jpeg_p",
@@ -810,7 +814,8 @@ subsampled at random), each augmented afresh: on {cfg["stain_p"]:.0%} of bags a
 re-staining in optical-density space (colour deconvolution with the fixed
 Ruifrok and Johnston H&E matrix plus a residual channel; haematoxylin and
 eosin scaled independently, log-uniform {cfg["stain_scale"][0]} to
-{cfg["stain_scale"][1]}; H and E vectors perturbed by sd
+{cfg["stain_scale"][1]} and {cfg["stain_scale_e"][0]} to
+{cfg["stain_scale_e"][1]} respectively; H and E vectors perturbed by sd
 {cfg["stain_vector_sd"]} per component; gamma log-uniform {cfg["gamma"][0]} to
 {cfg["gamma"][1]}), one of the 8 flips and
 90-degree rotations per tile, a JPEG round trip (quality
