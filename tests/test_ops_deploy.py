@@ -266,15 +266,11 @@ def test_dockerfile_cuda_base_matches_onnxruntime_gpu() -> None:
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     ort = next(Requirement(d) for d in deps if Requirement(d).name == "onnxruntime-gpu")
     assert ort.specifier.contains(args["ORT_VERSION"]), f"ORT_VERSION {args['ORT_VERSION']} outside {ort}"
-
-    import onnxruntime
-    from onnxruntime.capi import build_and_package_info as info
-
-    if onnxruntime.__version__ != args["ORT_VERSION"]:
-        pytest.skip(f"installed onnxruntime-gpu {onnxruntime.__version__} is not the image's {args['ORT_VERSION']}")
-    assert info.cuda_version.split(".")[0] == m[1], (
-        f"onnxruntime-gpu {args['ORT_VERSION']} is built for CUDA {info.cuda_version}, the base image has {m[1]}.x"
-    )
+    # The wheel's CUDA major against the base image's is checked where it is
+    # certain, inside the image build (the RUN step after the pip install):
+    # the wheel installed here may be a newer release than the pinned one.
+    checks = [a for a in dockerfile_args("RUN") if "import cuda_version" in a]
+    assert checks and '!= "${CUDA_VERSION%%.*}"' in checks[0], "the build must compare the wheel's CUDA major"
 
 
 def test_dockerignore_lets_in_only_what_the_image_copies() -> None:

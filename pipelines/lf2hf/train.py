@@ -49,6 +49,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from pipelines._training import step_with_ema  # noqa: E402
 from pipelines.lf2hf.net import SCALE, STRIDE, LF2HFNet, count_parameters  # noqa: E402
 from pipelines.lf2hf.preprocess import COND_DIM, COND_FIELD_REF_T, head_mask, normalisation_scale, prepare_slice  # noqa: E402
 from pipelines.lf2hf.simulator import RESERVED_SEEDS, PairSampler, SlicePair  # noqa: E402
@@ -263,15 +264,7 @@ def train(cfg: TrainConfig) -> tuple[LF2HFNet, dict[str, object]]:
         sim_seconds += time.perf_counter() - ts
         pred = net(x.unsqueeze(1).contiguous(memory_format=torch.channels_last), c)
         loss = _loss(pred, y.unsqueeze(1), w.unsqueeze(1), b.unsqueeze(1), cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            # Warm the average up so that early steps are not frozen in it.
-            decay = min(cfg.ema, (1.0 + step) / (10.0 + step))
-            for pe, pn in zip(ema.parameters(), net.parameters()):
-                pe.mul_(decay).add_(pn, alpha=1.0 - decay)
+        step_with_ema(loss, net, ema, opt, step, cfg.ema)
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
             v = _validate(ema, val)

@@ -74,6 +74,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pipelines._training import step_with_ema  # noqa: E402
 from pipelines.wsimil.evaluate import (  # noqa: E402
     BENCH_BASE,
     ENCODER_NAME,
@@ -417,15 +418,7 @@ def train(cfg: TrainConfig, cache: Path | None = None) -> tuple[_Model, dict[str
         h = model.encoder(torch.from_numpy(np.concatenate(xs)))
         hs = torch.split(h, [len(x) for x in xs])
         loss = sum((_bag_loss(model.head, hb, b.label, cfg) for hb, b in zip(hs, bags)), torch.zeros(())) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            # Warm the average up so that early steps are not frozen in it.
-            decay = min(cfg.ema, (1.0 + step) / (10.0 + step))
-            for pe, pn in zip(ema.parameters(), model.parameters()):
-                pe.mul_(decay).add_(pn, alpha=1.0 - decay)
+        step_with_ema(loss, model, ema, opt, step, cfg.ema)
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
             v = _monitor(ema, val)
