@@ -4,6 +4,14 @@ Every built-in pipeline that sends an ordinary image series back (IVIM maps
 for viewers without Parametric Map support, the AI-enhanced low-field series)
 builds its instances here, so patient/study identity, frame of reference,
 equipment, derivation and source references are copied the same way.
+
+The stored integers are what every viewer displays: the MR Image IOD has no
+Modality LUT (PS3.3 A.4 has no Rescale Slope/Intercept), and a viewer that
+honours the IOD ignores a rescale, so windows are given in stored units. A
+quantity is stored in a fixed, documented scale (for example D in
+1e-6 mm2/s) that the series description names and that a Real World Value
+Mapping (PS3.3 C.7.6.16.2.11, allowed in the General Image module) states
+in machine-readable form.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
 from gateway.contract import Geometry, RunContext
 
-__all__ = ["DerivedImage", "derived_mr_image"]
+__all__ = ["DerivedImage", "RealWorldScale", "derived_mr_image"]
 
 # Patient, study, frame of reference and acquisition context the derived
 # image shares with its source (PS3.3 C.7.1.1, C.7.2.1, C.7.4.1, C.8.3.1).
@@ -30,6 +38,17 @@ _COPIED = (
     "ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType", "RepetitionTime", "EchoTime",
     "InversionTime", "EchoTrainLength", "FlipAngle", "ImagedNucleus", "ImagingFrequency", "AcquisitionNumber",
 )
+
+
+@dataclass(frozen=True)
+class RealWorldScale:
+    """The quantity one stored integer stands for: ``value = stored * slope`` in ``unit``."""
+
+    label: str  # LUT Label (16 characters at most)
+    explanation: str  # LUT Explanation (64 characters at most)
+    quantity: hd.sr.CodedConcept
+    unit: hd.sr.CodedConcept  # UCUM
+    slope: float
 
 
 @dataclass(frozen=True)
@@ -46,8 +65,8 @@ class DerivedImage:
     derivation_description: str
     pixels: np.ndarray  # uint16 (rows, columns)
     geometry: Geometry
-    window: tuple[float, float]  # centre, width, in output (rescaled) units
-    rescale_slope: float | None = None  # None: pixels are the values themselves
+    window: tuple[float, float]  # centre, width, in stored units (there is no Modality LUT)
+    scale: RealWorldScale | None = None  # None: the pixels are signal intensities in arbitrary units
     comments: str | None = None  # ImageComments, e.g. a quality flag
 
 
@@ -99,18 +118,29 @@ def derived_mr_image(src: Dataset, ctx: RunContext, img: DerivedImage) -> Datase
     ds.Rows, ds.Columns = img.pixels.shape
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.PixelData = np.ascontiguousarray(img.pixels, dtype="<u2").tobytes()
-    if img.rescale_slope is not None:
-        ds.RescaleSlope = f"{img.rescale_slope:.6g}"
-        ds.RescaleIntercept = "0"
-        ds.RescaleType = "US"  # unspecified; the quantity is in the description
+    if img.scale is not None:
+        ds.RealWorldValueMappingSequence = DicomSequence([_real_world_value_mapping(img.scale, img.pixels)])
     center, width = img.window
+    # Stored integers: a width of at least 1 needs no LINEAR_EXACT (PS3.3 C.11.2.1.2).
     ds.WindowCenter = f"{center:.6g}"
-    ds.WindowWidth = f"{max(width, 1e-6):.6g}"
-    if width < 1:
-        ds.VOILUTFunction = "LINEAR_EXACT"  # PS3.3 C.11.2.1.3: widths under 1
+    ds.WindowWidth = f"{max(width, 1.0):.6g}"
     if img.comments:
         ds.ImageComments = img.comments[:10240]
     meta = FileMetaDataset()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
     return ds
+
+
+def _real_world_value_mapping(scale: RealWorldScale, pixels: np.ndarray) -> Dataset:
+    """One Real World Value Mapping item covering every stored value of the image."""
+    lo, hi = (int(pixels.min()), int(pixels.max())) if pixels.size else (0, 0)
+    return hd.pm.RealWorldValueMapping(
+        lut_label=scale.label,
+        lut_explanation=scale.explanation,
+        unit=scale.unit,
+        value_range=(lo, hi if hi > lo else lo + 1),
+        slope=scale.slope,
+        intercept=0,
+        quantity_definition=scale.quantity,
+    )

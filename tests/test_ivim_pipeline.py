@@ -5,11 +5,12 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 
 from gateway.contract import Identity, InputError, Instance, RunContext, Series
 from gateway.headers import routing_headers
@@ -76,44 +77,157 @@ def test_enhanced_and_classic_give_the_same_volume(tmp_path: Path) -> None:
     assert [g.position for g in classic.geometry] == [g.position for g in enhanced.geometry]
 
 
+PM_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.30"
+
+
+def displayed(stored: np.ndarray, centre: float, width: float) -> np.ndarray:
+    """Grey levels 0-255 a viewer shows from stored values and a linear window alone.
+
+    No Modality LUT is applied: the MR Image IOD has none, so a conforming viewer
+    ignores any rescale in an MR image. LINEAR_EXACT (PS3.3 C.11.2.1.3).
+    """
+    lo = centre - width / 2
+    return np.clip((stored.astype(np.float64) - lo) / width * 255.0, 0, 255)
+
+
+def assert_readable(grey: np.ndarray, tissue: np.ndarray, what: str) -> None:
+    """Neither blank nor saturated over the tissue, with a spread of grey levels."""
+    shown = grey[tissue]
+    assert np.mean(shown >= 254.5) < 0.5, f"{what}: {np.mean(shown >= 254.5):.0%} of the tissue is white"
+    assert np.mean(shown <= 0.5) < 0.5, f"{what}: {np.mean(shown <= 0.5):.0%} of the tissue is black"
+    assert len(np.unique(np.round(shown))) >= 16, f"{what}: only {len(np.unique(np.round(shown)))} grey levels"
+
+
+def _group(ds: Dataset, item: Dataset, keyword: str) -> Dataset:
+    """A functional group macro of one frame, per-frame first, then shared (PS3.3 C.7.6.16)."""
+    if keyword in item:
+        return item[keyword][0]
+    return ds.SharedFunctionalGroupsSequence[0][keyword][0]
+
+
+def pm_frames(out: list[Dataset]) -> list[tuple[str, float, np.ndarray, float, float]]:
+    """(parameter label, z position, frame, window centre, width) of every Parametric Map frame."""
+    frames = []
+    for ds in out:
+        if ds.SOPClassUID != PM_SOP_CLASS:
+            continue
+        pixels = ds.pixel_array.reshape(-1, int(ds.Rows), int(ds.Columns))
+        for item, frame in zip(ds.PerFrameFunctionalGroupsSequence, pixels):
+            label = _group(ds, item, "RealWorldValueMappingSequence").LUTLabel
+            z = float(_group(ds, item, "PlanePositionSequence").ImagePositionPatient[2])
+            voi = _group(ds, item, "FrameVOILUTSequence")
+            frames.append((str(label), z, frame, float(voi.WindowCenter), float(voi.WindowWidth)))
+    return frames
+
+
+@pytest.fixture(scope="module")
+def maps_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, list[Dataset]]:
+    study = make_dwi_study(tmp_path_factory.mktemp("ivim") / "in", seed=6, size=64, slices=3, snr=60)
+    return study, IvimPipeline().run(as_series(study.paths), context())
+
+
+def _slice_of(study: Any, z: float) -> int:
+    zs = [round(float(dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]), 2) for p in study.paths]
+    return sorted(set(zs)).index(round(z, 2))
+
+
+def test_every_parameter_map_is_readable_through_its_own_window(maps_study: tuple[Any, list[Dataset]]) -> None:
+    study, out = maps_study
+    frames = pm_frames(out)
+    assert {label for label, *_ in frames} == {"D", "DSTAR", "F", "S0"}
+    for label, z, frame, centre, width in frames:
+        tissue = (study.labels[_slice_of(study, z)] > 0) & (frame > 0)
+        assert_readable(displayed(frame, centre, width), tissue, f"Parametric Map {label} at z={z:g}")
+
+
+def test_every_map_frame_has_its_own_dimension_index_and_the_maps_load_as_volumes(
+    maps_study: tuple[Any, list[Dataset]],
+) -> None:
+    # PS3.3 C.7.6.17: the dimension index values must identify each frame.
+    for ds in (ds for ds in maps_study[1] if ds.SOPClassUID == PM_SOP_CLASS):
+        indices = [str(it.FrameContentSequence[0].DimensionIndexValues) for it in ds.PerFrameFunctionalGroupsSequence]
+        assert len(set(indices)) == len(indices), ds.SeriesDescription
+        assert hd.pm.ParametricMap.from_dataset(ds).get_volume().shape[0] == 3
+
+
+def test_no_empty_laterality_when_the_source_has_none(maps_study: tuple[Any, list[Dataset]]) -> None:
+    # General Series Laterality is type 2C: only for paired body parts (PS3.3 C.7.3.1).
+    assert "Laterality" not in dcmread(maps_study[0].paths[0], stop_before_pixels=True)
+    for ds in maps_study[1]:
+        assert "Laterality" not in ds, ds.SeriesDescription
+
+
+def test_derived_mr_images_have_no_modality_lut_and_read_from_stored_values(
+    maps_study: tuple[Any, list[Dataset]],
+) -> None:
+    study, out = maps_study
+    real = {(label, round(z, 2)): frame for label, z, frame, *_ in pm_frames(out)}
+    derived = [ds for ds in out if ds.SOPClassUID != PM_SOP_CLASS]
+    assert len(derived) == 4 * 3  # one MR series per parameter, one image per slice
+    for ds in derived:
+        label, z = ds.ImageType[3], float(ds.ImagePositionPatient[2])
+        # The MR Image IOD (PS3.3 A.4) has no Modality LUT.
+        assert "RescaleSlope" not in ds and "RescaleIntercept" not in ds and "RescaleType" not in ds
+        assert ds.ImageType[:3] == ["DERIVED", "SECONDARY", "DIFFUSION MAP"]  # PS3.3 C.8.3.1.1.1
+        tissue = (study.labels[_slice_of(study, z)] > 0) & (ds.pixel_array > 0)
+        grey = displayed(ds.pixel_array, float(ds.WindowCenter), float(ds.WindowWidth))
+        assert_readable(grey, tissue, f"derived MR {label} at z={z:g}")
+        truth = real[(label, round(z, 2))]
+        if label == "S0":
+            assert "RealWorldValueMappingSequence" not in ds  # arbitrary units of the source
+            assert np.allclose(ds.pixel_array, np.clip(np.rint(truth), 0, 65535))
+            continue
+        # A fixed scale, named in the description and stated as a Real World Value Mapping.
+        rwvm = ds.RealWorldValueMappingSequence[0]
+        slope = float(rwvm.RealWorldValueSlope)
+        scale, unit = {"D": (1e-6, "1e-6 mm2/s"), "DSTAR": (1e-5, "1e-5 mm2/s"), "F": (1e-4, "1e-4")}[label]
+        assert slope == scale and float(rwvm.RealWorldValueIntercept) == 0
+        assert f"[{unit}]" in ds.SeriesDescription
+        assert np.abs(ds.pixel_array * slope - truth).max() <= 0.51 * slope  # rounding, float32 maps
+
+
 @pytest.mark.parametrize("method", ["net", "lsq-segmented"])
 def test_maps_are_accurate_valid_and_reference_their_sources(tmp_path: Path, method: str) -> None:
     study = make_dwi_study(tmp_path / "in", seed=6, size=64, slices=3, snr=60)
     series = as_series(study.paths)
     out = IvimPipeline().run(series, context(method))
-    pm, derived = out[0], out[1:]
-    assert len(derived) == 4 * 3  # one MR series per parameter, one image per slice
-    path = tmp_path / "pm.dcm"
-    pm.save_as(path, enforce_file_format=True)
-    pm_back = hd.pm.ParametricMap.from_dataset(dcmread(path))
-    assert pm_back.FrameOfReferenceUID == dcmread(study.paths[0]).FrameOfReferenceUID
-    assert int(pm_back.NumberOfFrames) == 3 * 4
-    refs = {r.ReferencedSOPInstanceUID for r in pm_back.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
-    assert refs <= {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in study.paths} and refs
-    labels = {it.RealWorldValueMappingSequence[0].LUTLabel for it in pm_back.PerFrameFunctionalGroupsSequence}
-    assert labels == {"D", "DSTAR", "F", "S0"}
+    pms = [ds for ds in out if ds.SOPClassUID == PM_SOP_CLASS]
+    assert len(pms) == 4, "one Parametric Map per parameter"
+    assert len({ds.SeriesInstanceUID for ds in out}) == 8
+    source_uids = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in study.paths}
+    by_label: dict[str, hd.pm.ParametricMap] = {}
+    for i, pm in enumerate(pms):
+        path = tmp_path / f"pm{i}.dcm"
+        pm.save_as(path, enforce_file_format=True)
+        back = hd.pm.ParametricMap.from_dataset(dcmread(path))
+        assert back.FrameOfReferenceUID == dcmread(study.paths[0]).FrameOfReferenceUID
+        assert int(back.NumberOfFrames) == 3
+        refs = {r.ReferencedSOPInstanceUID for r in back.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+        assert refs <= source_uids and refs
+        by_label[back.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0].LUTLabel] = back
+        _dciodvfy_clean(path)
+    assert set(by_label) == {"D", "DSTAR", "F", "S0"}
     codes = {
-        it.RealWorldValueMappingSequence[0].QuantityDefinitionSequence[0].ConceptCodeSequence[0].CodeValue
-        for it in pm_back.PerFrameFunctionalGroupsSequence
+        pm.SharedFunctionalGroupsSequence[0]
+        .RealWorldValueMappingSequence[0]
+        .QuantityDefinitionSequence[0]
+        .ConceptCodeSequence[0]
+        .CodeValue
+        for pm in by_label.values()
     }
     assert {"113291", "113292", "113293"} <= codes
-    _dciodvfy_clean(path)
-    mr = tmp_path / "mr.dcm"
-    derived[0].save_as(mr, enforce_file_format=True)
-    _dciodvfy_clean(mr)
 
     # Accuracy in the liver (large homogeneous organ) against the phantom truth.
-    vol = load_dwi(series)
     liver = study.labels == list(TISSUES).index("liver")
     d_map = np.zeros(liver.shape, np.float32)
-    for it, frame in zip(pm_back.PerFrameFunctionalGroupsSequence, pm_back.pixel_array):
-        if it.RealWorldValueMappingSequence[0].LUTLabel == "D":
-            z = [round(g.position[2], 2) for g in vol.geometry].index(
-                round(float(it.PlanePositionSequence[0].ImagePositionPatient[2]), 2)
-            )
-            d_map[z] = frame
+    for label, z, frame, *_ in pm_frames(out):
+        if label == "D":
+            d_map[_slice_of(study, z)] = frame
     d_true = TISSUES["liver"][0]
     assert abs(np.median(d_map[liver]) - d_true) / d_true < 0.15
+    mr = tmp_path / "mr.dcm"
+    next(ds for ds in out if ds.SOPClassUID != PM_SOP_CLASS).save_as(mr, enforce_file_format=True)
+    _dciodvfy_clean(mr)
 
 
 def _dciodvfy_clean(path: Path) -> None:
@@ -130,10 +244,10 @@ def test_end_to_end_maps_arrive_in_orthanc(
     study = make_dwi_study(tmp_path / "in", seed=8, size=48, slices=2)
     assert storescu(gw.port, study.paths).returncode == 0
     uids = wait_for(
-        lambda: len(orthanc.instance_uids()) >= 1 + 4 * 2 and orthanc.instance_uids(), 120, "IVIM results in Orthanc"
+        lambda: len(orthanc.instance_uids()) >= 4 + 4 * 2 and orthanc.instance_uids(), 120, "IVIM results in Orthanc"
     )
-    assert len(uids) == 9
+    assert len(uids) == 12
     modalities = sorted(
         orthanc.get(f"/series/{s}")["MainDicomTags"].get("Modality", "") for s in orthanc.get("/series")
     )
-    assert modalities.count("MR") == 4 and len(modalities) == 5
+    assert modalities.count("MR") == 4 and len(modalities) == 8

@@ -1,15 +1,29 @@
-"""IVIM outputs as DICOM: one Parametric Map and, for any viewer, derived MR series.
+"""IVIM outputs as DICOM: one Parametric Map per parameter and, for any viewer, derived MR series.
 
-The Parametric Map (PS3.3 A.75) holds D, D*, f and S0 as four float32
-channels, each with a Real World Value Mapping whose Quantity Definition
-names the quantity (DCM 113291 slow diffusion coefficient, 113292 fast
-diffusion coefficient, 113293 fast diffusion coefficient fraction) and the
-measurement method, the bi-exponential IVIM model (DCM 113251), in UCUM
-units. It keeps the source Frame of Reference and plane geometry and
+Each of D, D*, f and S0 goes out as its own Parametric Map (PS3.3 A.75) in
+its own series, as quantitative imaging tools do (one map, one quantity):
+
+* every parameter gets its own Frame VOI LUT window, so no parameter is
+  shown through another one's window (a shared window left D*, f and S0
+  all white);
+* the frames of one map differ only by their plane position, so the
+  Dimension Index (Image Position) identifies every frame (PS3.3 C.7.6.17)
+  and the map loads as a volume;
+* float32 pixels with a Real World Value Mapping whose Quantity Definition
+  names the quantity (DCM 113291 slow diffusion coefficient, 113292 fast
+  diffusion coefficient, 113293 fast diffusion coefficient fraction) and
+  the measurement method, the bi-exponential IVIM model (DCM 113251), in
+  UCUM units.
+
+Each map keeps the source Frame of Reference and plane geometry and
 references its source images.
 
 Many viewers do not display Parametric Maps yet, so each parameter can also
-go out as a classic MR image series with integer pixels and a rescale slope.
+go out as a classic MR series. The MR Image IOD has no Modality LUT, so its
+pixels are the quantity as integers in a fixed scale: D and D* in
+1e-6 and 1e-5 mm2/s, f in 1e-4 (0.01 %), S0 in the source's units. The
+series description names the scale and a Real World Value Mapping states
+it (see :mod:`pipelines._derived`).
 """
 
 from __future__ import annotations
@@ -23,28 +37,37 @@ from highdicom.sr import CodeContentItem, TextContentItem
 from pydicom import Dataset
 
 from gateway.contract import RunContext
-from pipelines._derived import DerivedImage, derived_mr_image
+from pipelines._derived import DerivedImage, RealWorldScale, derived_mr_image
 from pipelines.ivim.preprocess import DwiVolume
 
-__all__ = ["PARAMETERS", "Parameter", "derived_mr_series", "parametric_map"]
+__all__ = ["PARAMETERS", "Parameter", "derived_mr_series", "parametric_maps"]
 
 _UCUM = "UCUM"
 # Diffusion image analysis (CID 7203 Image Derivation).
 DERIVATION = hd.sr.CodedConcept("129105", "DCM", "Diffusion image analysis")
 MODEL = hd.sr.CodedConcept("113251", "DCM", "Bi-exponential (IVIM) diffusion model")
+_MM2_S = hd.sr.CodedConcept("mm2/s", _UCUM, "mm2/s")
+_NO_UNITS = hd.sr.CodedConcept("1", _UCUM, "no units")
 
 
 @dataclass(frozen=True)
 class Parameter:
-    """One IVIM parameter: map key, labels, quantity code, unit and display scaling."""
+    """One IVIM parameter: map key, labels, quantity code, unit, display and stored scale."""
 
     key: str
     label: str  # LUT label (16 characters at most)
     explanation: str
     quantity: hd.sr.CodedConcept
     unit: hd.sr.CodedConcept
-    slope: float  # real value per stored integer in the derived MR images
-    window: tuple[float, float]  # centre, width in real units
+    window: tuple[float, float] | None  # centre, width in real units; None: from the data
+    stored_slope: float | None  # real value per stored integer in derived MR images; None: source units
+    stored_unit: str  # that scale in words, for the series description
+
+    def scale(self) -> RealWorldScale | None:
+        """The Real World Value Mapping of the derived MR images (None for arbitrary units)."""
+        if self.stored_slope is None:
+            return None
+        return RealWorldScale(self.label, self.explanation[:64], self.quantity, self.unit, self.stored_slope)
 
 
 PARAMETERS: tuple[Parameter, ...] = (
@@ -53,38 +76,53 @@ PARAMETERS: tuple[Parameter, ...] = (
         "D",
         "IVIM slow diffusion coefficient D",
         hd.sr.CodedConcept("113291", "DCM", "Slow Diffusion Coefficient"),
-        hd.sr.CodedConcept("mm2/s", _UCUM, "mm2/s"),
-        1e-7,
+        _MM2_S,
         (1.5e-3, 3e-3),
+        1e-6,
+        "1e-6 mm2/s",
     ),
     Parameter(
         "dstar",
         "DSTAR",
         "IVIM fast (pseudo-) diffusion coefficient D*",
         hd.sr.CodedConcept("113292", "DCM", "Fast Diffusion Coefficient"),
-        hd.sr.CodedConcept("mm2/s", _UCUM, "mm2/s"),
-        1e-5,
+        _MM2_S,
         (0.05, 0.1),
+        1e-5,
+        "1e-5 mm2/s",
     ),
     Parameter(
         "f",
         "F",
         "IVIM perfusion fraction f (fast diffusion coefficient fraction)",
         hd.sr.CodedConcept("113293", "DCM", "Fast Diffusion Coefficient Fraction"),
-        hd.sr.CodedConcept("1", _UCUM, "no units"),
-        1e-4,
+        _NO_UNITS,
         (0.3, 0.6),
+        1e-4,
+        "1e-4",
     ),
     Parameter(
         "s0",
         "S0",
         "IVIM signal at b = 0 (arbitrary units of the source)",
         hd.sr.CodedConcept("110805", "DCM", "T2 Weighted MR Signal Intensity"),
-        hd.sr.CodedConcept("1", _UCUM, "no units"),
-        0.0,
-        (0.0, 0.0),
+        _NO_UNITS,
+        None,
+        None,
+        "source units",
     ),
 )
+
+
+def display_window(p: Parameter, values: np.ndarray) -> tuple[float, float]:
+    """Centre and width in real units: the parameter's fixed window, or the 1-99th percentile of tissue."""
+    if p.window is not None:
+        return p.window
+    tissue = values[values > 0]
+    if not tissue.size:
+        return (0.5, 1.0)
+    lo, hi = (float(v) for v in np.percentile(tissue, [1, 99]))
+    return ((lo + hi) / 2, max(hi - lo, 1e-6))
 
 
 def _rwvm(p: Parameter, values: np.ndarray, bvalues: np.ndarray) -> hd.pm.RealWorldValueMapping:
@@ -126,77 +164,87 @@ def _series_number(src: Dataset, offset: int) -> int:
     return int(src.get("SeriesNumber") or 0) % 100_000 * 10 + offset
 
 
-def parametric_map(volume: DwiVolume, maps: dict[str, np.ndarray], ctx: RunContext, description: str) -> Dataset:
-    """Build the Parametric Map holding every parameter as a channel."""
+def parametric_maps(volume: DwiVolume, maps: dict[str, np.ndarray], ctx: RunContext, description: str) -> list[Dataset]:
+    """One Parametric Map per parameter, each in its own series and with its own window."""
     geo = volume.geometry
-    pixel = np.stack([maps[p.key] for p in PARAMETERS], axis=-1).astype(np.float32)  # [Z, R, C, 4]
     sources = _unique(volume.sources)
     further = [ds for ds in _unique(volume.all_sources) if ds.SOPInstanceUID not in {s.SOPInstanceUID for s in sources}]
     thickness = geo[0].slice_thickness
     if thickness is None:
         thickness = abs(geo[1].position[2] - geo[0].position[2]) if len(geo) > 1 else 1.0
-    pm = hd.pm.ParametricMap(
-        source_images=sources,
-        pixel_array=pixel,
-        series_instance_uid=ctx.uid("pm/series"),
-        series_number=_series_number(volume.sources[0], 1),
-        sop_instance_uid=ctx.uid("pm/instance"),
-        instance_number=1,
-        manufacturer=ctx.identity.manufacturer,
-        manufacturer_model_name=ctx.identity.model_name,
-        software_versions=ctx.identity.software_version,
-        device_serial_number=ctx.identity.device_serial_number,
-        contains_recognizable_visual_features=False,
-        real_world_value_mappings=[[_rwvm(p, maps[p.key], volume.bvalues)] for p in PARAMETERS],
-        voi_lut_transformations=[
-            # Widths under 1 need LINEAR_EXACT (PS3.3 C.11.2.1.3); D is ~1e-3 mm2/s.
-            hd.VOILUTTransformation(
-                window_center=PARAMETERS[0].window[0],
-                window_width=PARAMETERS[0].window[1],
-                voi_lut_function=hd.VOILUTFunctionValues.LINEAR_EXACT,
-            )
-        ],
-        content_label="IVIM",
-        content_description=description[:64],
-        plane_positions=[hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, g.position) for g in geo],
-        plane_orientation=hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT, geo[0].orientation),
-        pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=geo[0].pixel_spacing, slice_thickness=thickness),
-        further_source_images=further or None,
-        derivation=DERIVATION,
-    )
-    pm.SeriesDescription = f"IVIM maps AI ({description})"[:64]
-    if "Laterality" not in pm:
-        pm.Laterality = volume.sources[0].get("Laterality", "")  # General Series, type 2C
-    if ctx.identity.institution_name:
-        pm.InstitutionName = ctx.identity.institution_name
-    return pm
+    laterality = volume.sources[0].get("Laterality")
+    body_part = volume.sources[0].get("BodyPartExamined")
+    out: list[Dataset] = []
+    for pi, p in enumerate(PARAMETERS):
+        centre, width = display_window(p, maps[p.key])
+        pm = hd.pm.ParametricMap(
+            source_images=sources,
+            pixel_array=maps[p.key].astype(np.float32),  # [Z, R, C]: one frame per plane position
+            series_instance_uid=ctx.uid(f"pm/{p.key}/series"),
+            series_number=_series_number(volume.sources[0], 1 + pi),
+            sop_instance_uid=ctx.uid(f"pm/{p.key}/instance"),
+            instance_number=1,
+            manufacturer=ctx.identity.manufacturer,
+            manufacturer_model_name=ctx.identity.model_name,
+            software_versions=ctx.identity.software_version,
+            device_serial_number=ctx.identity.device_serial_number,
+            contains_recognizable_visual_features=False,
+            real_world_value_mappings=[_rwvm(p, maps[p.key], volume.bvalues)],
+            voi_lut_transformations=[
+                # Widths under 1 need LINEAR_EXACT (PS3.3 C.11.2.1.3); D is ~1e-3 mm2/s.
+                hd.VOILUTTransformation(
+                    window_center=centre,
+                    window_width=width,
+                    voi_lut_function=hd.VOILUTFunctionValues.LINEAR_EXACT,
+                )
+            ],
+            content_label=f"IVIM{p.label}"[:16],
+            content_description=f"{p.explanation} ({description})"[:64],
+            plane_positions=[hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, g.position) for g in geo],
+            plane_orientation=hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT, geo[0].orientation),
+            pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=geo[0].pixel_spacing, slice_thickness=thickness),
+            further_source_images=further or None,
+            derivation=DERIVATION,
+        )
+        pm.SeriesDescription = f"IVIM {p.label} map AI ({description})"[:64]
+        # General Series (PS3.3 C.7.3.1): Laterality is 2C, for paired body parts only.
+        # It is written only when the source says which side, never empty; the body
+        # part examined (type 3) tells a reader, and validators, whether it is paired.
+        if body_part:
+            pm.BodyPartExamined = body_part
+        if laterality:
+            pm.Laterality = laterality
+        elif "Laterality" in pm:
+            del pm.Laterality
+        if ctx.identity.institution_name:
+            pm.InstitutionName = ctx.identity.institution_name
+        out.append(pm)
+    return out
 
 
 def derived_mr_series(
     volume: DwiVolume, maps: dict[str, np.ndarray], ctx: RunContext, description: str
 ) -> list[Dataset]:
-    """One classic MR series per parameter with integer pixels and a rescale slope."""
+    """One classic MR series per parameter: integers in the parameter's fixed scale, no Modality LUT."""
     out: list[Dataset] = []
     for pi, p in enumerate(PARAMETERS):
         values = maps[p.key]
-        slope = p.slope
-        if slope == 0.0:  # S0: scale to the 16-bit range of this series
-            slope = max(float(values.max()) / 60000.0, 1e-6)
-        window = p.window if p.window[1] > 0 else (float(values.max()) / 2, float(values.max()) or 1.0)
+        slope = p.stored_slope or 1.0
+        centre, width = display_window(p, values)
         for z, (geom, src) in enumerate(zip(volume.geometry, volume.sources)):
             img = DerivedImage(
                 series_uid=ctx.uid(f"mr/{p.key}/series"),
                 sop_uid=ctx.uid(f"mr/{p.key}/instance/{z}"),
-                series_number=_series_number(src, 2 + pi),
+                series_number=_series_number(src, 1 + len(PARAMETERS) + pi),
                 instance_number=z + 1,
-                description=f"IVIM {p.label} AI ({description})",
-                image_type=("DIFFUSION", p.label),
+                description=f"IVIM {p.label} AI [{p.stored_unit}] ({description})",
+                image_type=("DIFFUSION MAP", p.label),
                 derivation=DERIVATION,
-                derivation_description=f"{p.explanation}; {description}",
+                derivation_description=f"{p.explanation}, stored in {p.stored_unit}; {description}",
                 pixels=np.clip(np.rint(values[z] / slope), 0, 65535).astype(np.uint16),
                 geometry=geom,
-                window=window,
-                rescale_slope=slope,
+                window=(centre / slope, width / slope),
+                scale=p.scale(),
             )
             out.append(derived_mr_image(src, ctx, img))
     return out

@@ -25,7 +25,7 @@ import numpy as np
 from pydicom import Dataset
 
 from gateway.contract import InputError, ModelSpec, RunContext, Selection, Series, SeriesInfo
-from pipelines.ivim.dicom import PARAMETERS, derived_mr_series, parametric_map
+from pipelines.ivim.dicom import PARAMETERS, derived_mr_series, parametric_maps
 from pipelines.ivim.fit import NET_BATCH, IvimMethod, select_method
 from pipelines.ivim.preprocess import background_mask, bvalues_from_headers, load_dwi
 
@@ -80,7 +80,7 @@ class IvimPipeline:
         ctx.progress(0.8, "maps fitted")
         version = ctx.model_versions.get(MODEL, "?")
         description = f"{method.value}" + (f" {MODEL} {version}" if method == IvimMethod.NET else "")
-        out: list[Dataset] = [parametric_map(volume, maps, ctx, description)]
+        out: list[Dataset] = parametric_maps(volume, maps, ctx, description)
         if bool(opts.get("derived_series", True)):
             out.extend(derived_mr_series(volume, maps, ctx, description))
         return out

@@ -53,30 +53,17 @@ def preview(inputs: Sequence[Path], outputs: Sequence[Path]) -> list[tuple[str, 
         hi = np.percentile(arr, 99) or 1.0
         gray = Image.fromarray((np.clip(arr / hi, 0, 1) * 255).astype(np.uint8)).resize((256, 256))
         pictures.append((f"input, b = {lowest[0]:g} s/mm2", gray))
+    maps = {}
     for path in outputs:
-        ds = dcmread(path)
-        if ds.SOPClassUID != _PM_SOP_CLASS:
+        ds = dcmread(path, stop_before_pixels=True)
+        if ds.SOPClassUID == _PM_SOP_CLASS:
+            label = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0].LUTLabel
+            maps[str(label)] = path
+    for p in PARAMETERS:
+        if p.key not in _RANGES or p.label not in maps:
             continue
-        arr = ds.pixel_array  # [frames, rows, cols] with channels as frames grouped by mapping
-        n_ch = len(PARAMETERS)
-        frames = arr.reshape(-1, *arr.shape[-2:])
-        per = frames.shape[0] // n_ch
-        for ci, p in enumerate(PARAMETERS):
-            if p.key not in _RANGES:
-                continue
-            lo, hi, label = _RANGES[p.key]
-            # highdicom writes frames channel by channel for each position
-            frame = _channel_frame(ds, ci, per // 2)
-            pictures.append((f"{label} (Parametric Map)", _panel(frames[frame], lo, hi, label)))
-        break
+        lo, hi, label = _RANGES[p.key]
+        ds = dcmread(maps[p.label])
+        frames = ds.pixel_array.reshape(-1, int(ds.Rows), int(ds.Columns))  # one frame per slice
+        pictures.append((f"{label} (Parametric Map)", _panel(frames[len(frames) // 2], lo, hi, label)))
     return pictures
-
-
-def _channel_frame(ds: Any, channel: int, slice_index: int) -> int:
-    """Index of the frame of ``channel`` at ``slice_index`` (by the RWVM of each frame)."""
-    matches = []
-    for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
-        label = item.RealWorldValueMappingSequence[0].LUTLabel
-        if label == PARAMETERS[channel].label:
-            matches.append(i)
-    return matches[min(slice_index, len(matches) - 1)] if matches else 0

@@ -116,7 +116,9 @@ class Lf2hfPipeline:
         version = ctx.model_versions.get(MODEL, "?")
         what = f"{MODEL} {version}, {b0:g} T {contrast} input"
         lo, hi = np.percentile(out[out > 0], [1, 99]) if np.any(out > 0) else (0.0, 1.0)
-        slope = float(out.max()) / 60000.0 if float(out.max()) > 60000 else None
+        # Signal in arbitrary units, as the source's: stored as is, or scaled down to fit
+        # 16 bits. There is no Modality LUT in the MR Image IOD, so nothing to rescale.
+        gain = 60000.0 / float(out.max()) if float(out.max()) > 60000 else 1.0
         src0 = sources[0]
         description = f"AI-enhanced {src0.get('SeriesDescription', '')}".strip()
         datasets = []
@@ -127,7 +129,6 @@ class Lf2hfPipeline:
                 if cons.flagged[z]
                 else "consistent with the acquired image"
             )
-            stored = out[z] / slope if slope else out[z]
             img = DerivedImage(
                 series_uid=ctx.uid("series"),
                 sop_uid=ctx.uid(f"instance/{z}"),
@@ -140,10 +141,9 @@ class Lf2hfPipeline:
                     f"AI translation to 3 T-like contrast, denoising and 2x in-plane resolution ({what}); "
                     "a reading aid that does not replace the acquired images"
                 ),
-                pixels=np.clip(np.rint(stored), 0, 65535).astype(np.uint16),
+                pixels=np.clip(np.rint(out[z] * gain), 0, 65535).astype(np.uint16),
                 geometry=_half_spacing(geom),
-                window=((lo + hi) / 2, max(hi - lo, 1.0)),
-                rescale_slope=slope,
+                window=((lo + hi) / 2 * gain, max((hi - lo) * gain, 1.0)),
                 comments=f"{verdict} (consistency score {score:.2f}, flagged above 1; {what})",
             )
             datasets.append(derived_mr_image(src, ctx, img))
@@ -182,7 +182,9 @@ def _half_spacing(g: Geometry) -> Geometry:
 
 def _read_slices(series: Series) -> tuple[np.ndarray, list[Dataset], list[Geometry]]:
     """Frames [N, H, W] (modality LUT applied) of classic or enhanced images, sorted along the normal."""
-    frames, sources, geoms = [], [], []
+    frames: list[np.ndarray] = []
+    sources: list[Dataset] = []
+    geoms: list[Geometry] = []
     for inst in series.instances:
         header = inst.dataset(pixels=False)
         for frame in inst.frames():

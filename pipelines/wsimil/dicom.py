@@ -40,6 +40,20 @@ AREA = codes.SCT.Area
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 MM2 = hd.sr.CodedConcept("mm2", "UCUM", "mm2")
 HISTOPATHOLOGY = hd.sr.CodedConcept("252416005", "SCT", "Histopathology")
+PROCEDURE_REPORTED = hd.sr.CodedConcept("121058", "DCM", "Procedure reported")
+# Histopathology is not in CID 100 (Quantitative Diagnostic Imaging Procedure,
+# extensible, version 20230630 of PS3.16), so the code declares the extension
+# in the Enhanced Encoding Mode of the Code Sequence Macro (PS3.3 8.6, Table
+# 8.8-1). The creator UID is aigw's, fixed: 2.25 + UUID5 of the project name.
+_CID100_EXTENSION = {
+    "ContextIdentifier": "100",
+    "ContextUID": "1.2.840.10008.6.1.998",
+    "MappingResource": "DCMR",
+    "ContextGroupVersion": "20230630",
+    "ContextGroupExtensionFlag": "Y",
+    "ContextGroupLocalVersion": "20261201000000",
+    "ContextGroupExtensionCreatorUID": "2.25.308235588886006849567498594204057531166",
+}
 SEG_TILE = 256  # frame size of the Segmentation
 
 
@@ -173,11 +187,17 @@ def slide_report(
     slide_ref = hd.sr.SourceImageForMeasurementGroup(
         referenced_sop_class_uid=source.SOPClassUID, referenced_sop_instance_uid=source.SOPInstanceUID
     )
+    # The algorithm identifies each measurement (TID 300 row 13, TID 4019); TID 1411
+    # has no group-level algorithm, so the area carries it on the measurement.
     slide_group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=ctx.uid("sr/slide-finding"), identifier="slide result"),
         finding_type=NEOPLASM,
         algorithm_id=algorithm,
-        measurements=[hd.sr.Measurement(name=PROBABILITY, value=round(result.probability, 4), unit=NO_UNITS)],
+        measurements=[
+            hd.sr.Measurement(
+                name=PROBABILITY, value=round(result.probability, 4), unit=NO_UNITS, algorithm_id=algorithm
+            )
+        ],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(PRESENCE, PRESENT if result.positive else ABSENT)],
         source_images=[slide_ref],
     )
@@ -195,15 +215,14 @@ def slide_report(
             ],
         ),
         finding_type=NEOPLASM,
-        algorithm_id=algorithm,
-        measurements=[hd.sr.Measurement(name=AREA, value=round(area_mm2, 4), unit=MM2)],
+        measurements=[hd.sr.Measurement(name=AREA, value=round(area_mm2, 4), unit=MM2, algorithm_id=algorithm)],
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=HISTOPATHOLOGY,
         imaging_measurements=[slide_group, region_group],
     )
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=[source, seg],
         content=report,
         series_instance_uid=ctx.uid("sr/series"),
@@ -214,3 +233,8 @@ def slide_report(
         is_complete=True,
         series_description="AI tumour detection report (attention MIL)",
     )
+    for item in sr.ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeValue == PROCEDURE_REPORTED.value:
+            for keyword, value in _CID100_EXTENSION.items():
+                setattr(item.ConceptCodeSequence[0], keyword, value)
+    return sr
