@@ -123,8 +123,12 @@ class Sender(PeriodicLoop):
         # SOP classes past the cap wait for the next pass instead of failing.
         proposed: set[str] = set()
         for sop_class in sorted({c for c, _ in contexts})[:120]:
-            tss = {ts for c, ts in contexts if c == sop_class} | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
-            ae.add_requested_context(sop_class, sorted(tss))
+            # The files' own syntaxes first: a receiver that takes the first syntax it
+            # supports would otherwise pick Implicit VR, which a compressed file
+            # cannot be sent in (nothing is transcoded).
+            own = sorted({ts for c, ts in contexts if c == sop_class})
+            fallback = [str(ts) for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if ts not in own]
+            ae.add_requested_context(sop_class, own + fallback)
             proposed.add(sop_class)
         loaded = [(row, ds) for row, ds in loaded if row.sop_class_uid in proposed]
         try:

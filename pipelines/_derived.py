@@ -32,6 +32,9 @@ __all__ = ["DerivedImage", "RealWorldScale", "derived_mr_image"]
 # Patient, study, frame of reference and acquisition context the derived
 # image shares with its source (PS3.3 C.7.1.1, C.7.2.1, C.7.4.1, C.8.3.1).
 _COPIED = (
+    # The character set of the copied text (PS3.3 C.12.1.1.2); without it a
+    # non-Latin name would be written as undeclared bytes.
+    "SpecificCharacterSet",
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "StudyInstanceUID", "StudyDate",
     "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDescription", "FrameOfReferenceUID",
     "PositionReferenceIndicator", "BodyPartExamined", "Laterality", "MagneticFieldStrength", "PatientPosition",

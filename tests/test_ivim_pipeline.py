@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
 
-from gateway.contract import Identity, InputError, Instance, RunContext, Series
+from gateway.contract import Geometry, Identity, InputError, Instance, RunContext, Series
 from gateway.headers import routing_headers
 from gateway.uids import derived_uid
+from pipelines._derived import DerivedImage, derived_mr_image
 from pipelines.ivim.fit import make_session
 from pipelines.ivim.pipeline import IvimPipeline
 from pipelines.ivim.preprocess import load_dwi
@@ -184,6 +185,42 @@ def test_derived_mr_images_have_no_modality_lut_and_read_from_stored_values(
         assert slope == scale and float(rwvm.RealWorldValueIntercept) == 0
         assert f"[{unit}]" in ds.SeriesDescription
         assert np.abs(ds.pixel_array * slope - truth).max() <= 0.51 * slope  # rounding, float32 maps
+
+
+def test_derived_images_declare_the_character_set_of_the_text_they_copy(
+    maps_study: tuple[Any, list[Dataset]], tmp_path: Path
+) -> None:
+    # PS3.3 C.12.1.1.2: copied Patient's Name keeps its meaning only with its character set.
+    src = dcmread(maps_study[0].paths[0])
+    src.SpecificCharacterSet = "ISO_IR 192"
+    src.PatientName = "Иванов^Иван"
+    out = [ds for ds in IvimPipeline().run(as_series(maps_study[0].paths), context()) if ds.Modality == "MR"]
+    img = derived_mr_image(src, context(), _derived_image_like(out[0]))
+    img.save_as(tmp_path / "mr.dcm", enforce_file_format=True)
+    back = dcmread(tmp_path / "mr.dcm")
+    assert back.SpecificCharacterSet == "ISO_IR 192"
+    assert str(back.PatientName) == "Иванов^Иван"
+
+
+def _derived_image_like(ds: Dataset) -> DerivedImage:
+    return DerivedImage(
+        series_uid=ds.SeriesInstanceUID,
+        sop_uid=ds.SOPInstanceUID,
+        series_number=int(ds.SeriesNumber),
+        instance_number=1,
+        description="x",
+        image_type=("DIFFUSION MAP", "D"),
+        derivation=hd.sr.CodedConcept("129105", "DCM", "Diffusion image analysis"),
+        derivation_description="x",
+        pixels=ds.pixel_array,
+        geometry=Geometry(
+            tuple(float(v) for v in ds.ImagePositionPatient),  # type: ignore[arg-type]
+            tuple(float(v) for v in ds.ImageOrientationPatient),  # type: ignore[arg-type]
+            (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
+            None,
+        ),
+        window=(1.0, 2.0),
+    )
 
 
 @pytest.mark.parametrize("method", ["net", "lsq-segmented"])

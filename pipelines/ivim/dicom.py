@@ -38,6 +38,7 @@ from pydicom import Dataset
 
 from gateway.contract import RunContext
 from pipelines._derived import DerivedImage, RealWorldScale, derived_mr_image
+from pipelines._uids import pin_dimension_organization
 from pipelines.ivim.preprocess import DwiVolume
 
 __all__ = ["PARAMETERS", "Parameter", "derived_mr_series", "parametric_maps"]
@@ -207,6 +208,7 @@ def parametric_maps(volume: DwiVolume, maps: dict[str, np.ndarray], ctx: RunCont
             derivation=DERIVATION,
         )
         pm.SeriesDescription = f"IVIM {p.label} map AI ({description})"[:64]
+        pin_dimension_organization(pm, ctx.uid(f"pm/{p.key}/dimension-organization"))
         # General Series (PS3.3 C.7.3.1): Laterality is 2C, for paired body parts only.
         # It is written only when the source says which side, never empty; the body
         # part examined (type 3) tells a reader, and validators, whether it is paired.

@@ -132,7 +132,7 @@ class Lf2hfPipeline:
             img = DerivedImage(
                 series_uid=ctx.uid("series"),
                 sop_uid=ctx.uid(f"instance/{z}"),
-                series_number=int(src0.get("SeriesNumber") or 0) % 100_000 * 10 + 5,
+                series_number=int(src0.get("SeriesNumber") or 0) % 100_000 * 10 + 9,
                 instance_number=z + 1,
                 description=description,
                 image_type=("OTHER", "AI_ENHANCED"),

@@ -25,6 +25,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from gateway.contract import RunContext
+from pipelines._uids import pin_dimension_organization
 from pipelines.wsimil.preprocess import TileGrid
 
 __all__ = ["SlideResult", "slide_report", "tumour_segmentation"]
@@ -166,6 +167,7 @@ def tumour_segmentation(
     # General Image (PS3.3 C.7.6.1): Patient Orientation is Type 2C, required (empty
     # allowed) when the image has no patient position and orientation, as slides do.
     seg.PatientOrientation = ""
+    pin_dimension_organization(seg, ctx.uid("seg/dimension-organization"))
     return seg
 
 
