@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,8 +14,9 @@ from gateway.uids import derived_uid
 from pipelines.lf2hf.infer import make_session
 from pipelines.lf2hf.pipeline import Lf2hfPipeline
 from pipelines.lf2hf.synthetic import write_lowfield_series
-from tests.conftest import REPO, GatewayProcess, Orthanc, need, storescu, wait_for
+from tests.conftest import REPO, GatewayProcess, Orthanc, storescu, wait_for
 from tests.test_ivim_pipeline import as_series
+from tests.validators import dciodvfy
 
 MODEL_PATH = REPO / "exported_models" / "lf2hf-net.onnx"
 
@@ -77,8 +77,7 @@ def test_derived_series_geometry_validity_and_consistency(lowfield: list[Path], 
         assert "consistency score" in ds.ImageComments
         path = tmp_path / f"out{k}.dcm"
         ds.save_as(path, enforce_file_format=True)
-        r = subprocess.run([need("dciodvfy"), str(path)], capture_output=True, text=True)
-        errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error")]
+        errors = dciodvfy(path).errors
         assert not errors, errors
         assert dcmread(path).pixel_array.shape == (2 * src.Rows, 2 * src.Columns)
     assert sum(n for _, n in flags) == 0  # the model's own output is consistent with its input

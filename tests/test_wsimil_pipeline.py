@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from pipelines.wsimil.pipeline import ENCODER, HEAD, WsiMilPipeline
 from pipelines.wsimil.scene import SlideScene
 from pipelines.wsimil.tiles import MODEL_MPP, TILE_PX
 from pipelines.wsimil.wsi import SlideFiles, write_slide
-from tests.conftest import REPO, GatewayProcess, Orthanc, need, storescu, wait_for
+from tests.conftest import REPO, GatewayProcess, Orthanc, storescu, wait_for
+from tests.validators import dciodvfy
 
 MODELS = REPO / "exported_models"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -70,11 +70,6 @@ def split(out: list) -> tuple[hd.seg.Segmentation, hd.sr.Comprehensive3DSR]:
     return seg, sr
 
 
-def dciodvfy_errors(path: Path) -> list[str]:
-    r = subprocess.run([need("dciodvfy"), str(path)], capture_output=True, text=True)
-    return [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error")]
-
-
 def seg_map(seg: hd.seg.Segmentation) -> np.ndarray:
     m = seg.get_total_pixel_matrix(segment_numbers=[1], combine_segments=False, rescale_fractional=True)
     return np.asarray(m, dtype=np.float32).reshape(m.shape[0], m.shape[1])
@@ -101,7 +96,8 @@ def test_seg_and_sr_are_valid_aligned_and_reference_the_slide(
     assert not flags
     for name, ds in (("seg.dcm", seg), ("sr.dcm", sr)):
         ds.save_as(tmp_path / name, enforce_file_format=True)
-        assert not dciodvfy_errors(tmp_path / name), name
+        errors = dciodvfy(tmp_path / name).errors
+        assert not errors, f"{name}: " + "\n".join(errors)
     seg = hd.seg.segread(tmp_path / "seg.dcm")
     sr = hd.sr.srread(tmp_path / "sr.dcm")
 
@@ -149,6 +145,22 @@ def test_seg_and_sr_are_valid_aligned_and_reference_the_slide(
     assert {level.SOPInstanceUID, seg.SOPInstanceUID} <= evidence
     text = str(sr)
     assert "Present" in text and "Probability of cancer" in text
+
+    # Every measurement names the algorithm that made it (TID 300 row 13 includes
+    # TID 4019); TID 1411 has no group-level algorithm identification.
+    algorithm_name = "111001"
+    for group in groups:
+        for m in group.get_measurements():
+            names = [it.ConceptNameCodeSequence[0].CodeValue for it in m[0].get("ContentSequence", [])]
+            assert algorithm_name in names, m.name.meaning
+    for group in sr.content.get_volumetric_roi_measurement_groups():
+        assert algorithm_name not in [it.ConceptNameCodeSequence[0].CodeValue for it in group[0].ContentSequence]
+    # Histopathology is not in CID 100: the code declares the extension (PS3.3 Table 8.8-1).
+    (procedure,) = [it for it in sr.ContentSequence if it.ConceptNameCodeSequence[0].CodeValue == "121058"]
+    code = procedure.ConceptCodeSequence[0]
+    assert (code.CodeValue, code.ContextIdentifier, code.MappingResource) == ("252416005", "100", "DCMR")
+    assert code.ContextGroupExtensionFlag == "Y"
+    assert code.ContextGroupLocalVersion and code.ContextGroupExtensionCreatorUID
 
 
 @pytest.mark.parametrize("variant", [{"compression": "jpeg2000", "sparse": True}, {"compression": "none"}])

@@ -10,7 +10,6 @@ close for JPEG.
 from __future__ import annotations
 
 import math
-import subprocess
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ import pipelines.wsimil.wsi as wsi
 from pipelines.wsimil.scene import SlideScene
 from pipelines.wsimil.tiles import SATURATION_THRESHOLD, saturation
 from pipelines.wsimil.wsi import LevelInfo, SlideFiles, write_slide
-from tests.conftest import need
+from tests.validators import dciodvfy
 
 SEED, WIDTH_UM, HEIGHT_UM, BASE_MPP, TILE = 7, 1200, 900, 1.0, 128
 VARIANTS: dict[str, dict[str, object]] = {
@@ -69,11 +68,6 @@ def slide(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], SlideFile
     return get
 
 
-def dciodvfy(path: Path) -> list[str]:
-    r = subprocess.run([need("dciodvfy"), str(path)], capture_output=True, text=True)
-    return [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error")]
-
-
 def reference(sc: SlideScene, level: LevelInfo) -> np.ndarray:
     """The level as the writer renders it: tile by tile, cropped to the total pixel matrix."""
     out = np.zeros((level.rows, level.columns, 3), np.uint8)
@@ -107,7 +101,7 @@ def test_every_file_passes_dciodvfy(slide: Callable[[str], SlideFiles], variant:
         "thumbnail.dcm",
     ]
     for path in files.paths:
-        errors = dciodvfy(path)
+        errors = dciodvfy(path).errors
         if variant == "sparse":
             info = next((lv for lv in files.levels if lv.path == path), None)
             full_grid = info is None or info.frames == math.ceil(info.columns / TILE) * math.ceil(info.rows / TILE)
@@ -294,7 +288,7 @@ def test_skip_levels_and_single_level_write_what_they_claim(tmp_path: Path) -> N
     assert [p.name for p in single.paths] == ["level-0.dcm"] and len(single.levels) == 1
     with WsiDicom.open(single.folder) as w:
         assert len(w.levels) == 1 and w.levels[0].size.to_tuple() == (1000, 700)
-    assert not dciodvfy(single.paths[0])
+    assert not dciodvfy(single.paths[0]).errors
 
     coarse = write_slide(sc, tmp_path / "min", base_mpp=1.0, tile=128, min_level_size=400, extras=())
     assert [(lv.columns, lv.rows) for lv in coarse.levels] == [(1000, 700), (500, 350), (250, 175)]
@@ -309,7 +303,7 @@ def test_extended_offset_table_when_the_basic_one_could_overflow(
     ds = pydicom.dcmread(files.paths[0])
     assert len(ds.ExtendedOffsetTable) == len(ds.ExtendedOffsetTableLengths) == 8 * files.levels[0].frames
     assert np.abs(ds.pixel_array[-1].astype(int) - sc.render(5 * 128, 3 * 128, 128, 128, 1.0)).mean() < 6
-    assert not dciodvfy(files.paths[0])
+    assert not dciodvfy(files.paths[0]).errors
     with WsiDicom.open(files.folder) as w:
         got = w.read_region((0, 0), 0, (700, 500), as_array=True)
     assert np.abs(got.astype(int) - reference(sc, files.levels[0])).mean() < 6
