@@ -94,6 +94,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default="report.html", metavar="FILE", help="report path (default ./report.html)")
     p.add_argument("--timeout", type=float, default=170.0, help="seconds to wait for results")
     p.add_argument("--config", metavar="FILE", help="TOML configuration file for plugins, models and routes")
+    p.add_argument(
+        "--no-viewer",
+        action="store_true",
+        help="use a built-in receiving node instead of Orthanc + OHIF, and take no viewer screenshots",
+    )
+    p.add_argument(
+        "--keep-open",
+        action="store_true",
+        help="after the report, print the OHIF address and keep the gateway, Orthanc and OHIF up until Ctrl-C",
+    )
 
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="action", required=True)
@@ -432,7 +442,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
     config = Path(args.config) if args.config else None
-    return run_demo(Path(args.out), Path(args.report), timeout=args.timeout, config_path=config)
+    return run_demo(
+        Path(args.out),
+        Path(args.report),
+        timeout=args.timeout,
+        config_path=config,
+        viewer=not args.no_viewer,
+        keep_open=args.keep_open,
+    )
 
 
 _COMMANDS = {

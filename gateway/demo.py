@@ -1,13 +1,21 @@
 """``aigw demo``: the whole path on one machine, from scanner to PACS, with a report.
 
-The demo starts the gateway in-process and a local receiving node
-(``DEMO_PACS``, a C-STORE SCP) next to it, both on free loopback ports. Every
-available pipeline that implements :class:`gateway.contract.DemoCapable`
-writes a synthetic study; the demo sends each series in with C-STORE on one
-association as a scanner does (calling AE ``DEMO_SCANNER``), waits until the
-results are back at ``DEMO_PACS`` and writes a self-contained ``report.html``:
-a summary table, input and output previews side by side, the timings and
-where every DICOM file lies.
+The demo starts the gateway in-process and, as the PACS (``DEMO_PACS``), a
+real Orthanc with its DICOMweb plugin and the OHIF viewer in front of it,
+all on free loopback ports (:mod:`gateway.viewer`). Every available pipeline
+that implements :class:`gateway.contract.DemoCapable` writes a synthetic
+study; the demo sends each series in with C-STORE on one association as a
+scanner does (calling AE ``DEMO_SCANNER``), waits until the results are back
+at ``DEMO_PACS``, opens the input and every result series in OHIF in
+headless Chromium, and writes a self-contained ``report.html``: a summary
+table, the viewer's screenshots and the pipelines' previews side by side,
+the timings and where every DICOM file lies. With ``keep_open`` it then
+prints the OHIF address and keeps serving until Ctrl-C, so a person can
+look.
+
+Where Orthanc, OHIF or Chromium are not installed (or ``viewer=False``),
+the demo falls back to a built-in C-STORE SCP as ``DEMO_PACS`` and says in
+the report that it has no viewer screenshots.
 
 Layout of the demo folder::
 
@@ -15,6 +23,8 @@ Layout of the demo folder::
     input/<pipeline>/                   the synthetic studies as sent
     gateway-data/                       the gateway's data dir (store, jobs, index)
     received/<series>/<sop>.dcm         what DEMO_PACS received, bit-exact
+    screenshots/<n>-<pipeline>-*.png     OHIF screenshots: page, and .viewport.png crops
+    viewer/                             Orthanc's database and log, the browser profile
     gateway.log                         the gateway's log for this run
 
 Everything stays on the machine and nothing is downloaded, so the demo runs
@@ -33,6 +43,7 @@ import shutil
 import sys
 import threading
 import time
+import urllib.request
 import zlib
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -57,6 +68,7 @@ if TYPE_CHECKING:
 
     from gateway.contract import Pipeline
     from gateway.service import Gateway
+    from gateway.viewer import Orthanc, Viewer
 
 __all__ = ["DemoError", "ReceivingNode", "run_demo"]
 
@@ -236,9 +248,7 @@ class ReceivingNode:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 30
-        self._server = ae.start_server(
-            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
-        )
+        self._server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
         self.port = int(self._server.server_address[1])
         log.info("%s listening on 127.0.0.1:%d", self.ae_title, self.port)
         return self.port
@@ -301,6 +311,82 @@ class ReceivingNode:
             self._received[sop] = Received(sop, series, final, time.time())
 
 
+class OrthancNode:
+    """``DEMO_PACS`` as a real Orthanc: what it stores is mirrored into ``root`` for the report.
+
+    Orthanc's change log (``/changes``, one entry per new instance) says what
+    arrived; each new instance's file is copied, bit-exact as Orthanc keeps
+    it, to ``<root>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` and its arrival
+    time is the time the demo first saw it (within one poll of 0.2 s).
+
+    Parameters
+    ----------
+    orthanc : gateway.viewer.Orthanc
+        A started Orthanc.
+    root : Path
+        Folder for the mirrored instances.
+    """
+
+    def __init__(self, orthanc: Orthanc, root: Path) -> None:
+        self.orthanc = orthanc
+        self.root = root
+        self.ae_title = orthanc.ae_title
+        self.port: int | None = orthanc.dicom_port
+        self._lock = threading.Lock()
+        self._received: dict[str, Received] = {}
+        self._since = 0
+        self._polled = 0.0
+
+    def start(self) -> int:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._since = int(self.orthanc.get("/changes?last")["Last"])
+        return self.orthanc.dicom_port
+
+    def stop(self) -> None:
+        """Nothing of its own to stop: the viewer owns Orthanc."""
+
+    def get(self, sop_instance_uid: str) -> Received | None:
+        self._sync()
+        with self._lock:
+            return self._received.get(sop_instance_uid)
+
+    def count(self) -> int:
+        self._sync()
+        with self._lock:
+            return len(self._received)
+
+    def _sync(self) -> None:
+        with self._lock:
+            if time.monotonic() - self._polled < 0.2:
+                return
+            self._polled = time.monotonic()
+            while True:
+                page = self.orthanc.get(f"/changes?since={self._since}&limit=500")
+                for change in page["Changes"]:
+                    if change["ChangeType"] == "NewInstance":
+                        self._mirror(str(change["ID"]))
+                self._since = int(page["Last"])
+                if page["Done"]:
+                    return
+
+    def _mirror(self, orthanc_id: str) -> None:
+        with urllib.request.urlopen(f"{self.orthanc.url}/instances/{orthanc_id}/file", timeout=30) as r:
+            data = r.read()
+        ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
+        series = checked_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+        sop = checked_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        final = self.root / series / f"{sop}.dcm"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        part = final.with_name(f".{final.name}.part")
+        part.write_bytes(data)
+        os.replace(part, final)
+        self._received[sop] = Received(sop, series, final, time.time())
+
+
+#: Either kind of DEMO_PACS.
+Pacs = ReceivingNode | OrthancNode
+
+
 # ------------------------------------------------------------- bookkeeping
 @dataclass
 class JobOutcome:
@@ -314,6 +400,18 @@ class JobOutcome:
     error: str | None
     started_at: float | None
     finished_at: float | None
+
+
+@dataclass(frozen=True)
+class ViewerShot:
+    """One series as OHIF showed it: the viewport crop and what is wrong with it, if anything."""
+
+    title: str
+    path: Path  # the viewport crop; the whole page lies next to it
+    series_uid: str
+    url: str
+    problems: tuple[str, ...]
+    seconds: float
 
 
 @dataclass
@@ -338,6 +436,8 @@ class SeriesRun:
     error: str | None = None
     previews: list[tuple[str, bytes]] = field(default_factory=list)
     preview_error: str | None = None
+    screenshots: list[ViewerShot] = field(default_factory=list)
+    screenshot_error: str | None = None
 
     @property
     def done(self) -> bool:
@@ -481,7 +581,7 @@ def _no_delay(assoc: Any) -> None:
 
 
 # --------------------------------------------------------------- waiting
-def _update(run: SeriesRun, gw: Gateway, pacs: ReceivingNode, jobs_by_series: Mapping[str, list[Any]]) -> None:
+def _update(run: SeriesRun, gw: Gateway, pacs: Pacs, jobs_by_series: Mapping[str, list[Any]]) -> None:
     """Bring ``run`` up to date from the index and DEMO_PACS; sets its status once final."""
     if run.done:
         return
@@ -539,7 +639,7 @@ def _update(run: SeriesRun, gw: Gateway, pacs: ReceivingNode, jobs_by_series: Ma
         run.status = "back"
 
 
-def _wait(runs: list[SeriesRun], gw: Gateway, pacs: ReceivingNode, timeout: float, console: _Console) -> None:
+def _wait(runs: list[SeriesRun], gw: Gateway, pacs: Pacs, timeout: float, console: _Console) -> None:
     """Poll until every series is back or failed, or ``timeout`` seconds passed."""
     deadline = time.monotonic() + timeout
     last = 0.0
@@ -682,6 +782,64 @@ def _make_previews(run: SeriesRun, pipeline: Pipeline | None) -> None:
         run.preview_error = f"{type(exc).__name__}: {exc}"
 
 
+# ---------------------------------------------------------- the viewer
+def _screenshots(runs: Sequence[SeriesRun], viewer: Viewer, folder: Path, console: _Console) -> None:
+    """Open each series that came back, its input and every result series, in OHIF; screenshot each."""
+    for i, run in enumerate(runs, 1):
+        if not run.ok or run.study_uid is None:
+            continue
+        try:
+            viewer.upload(run.files)  # the scanner's series, so the results are seen next to it
+            results: dict[str, Path] = {}
+            for received in run.outputs:
+                results.setdefault(received.series_uid, received.path)
+            heads = [dcmread(run.files[0], stop_before_pixels=True)]
+            heads += sorted(
+                (dcmread(p, stop_before_pixels=True) for p in results.values()),
+                key=lambda h: (int(h.get("SeriesNumber") or 0), str(h.SeriesInstanceUID)),
+            )
+            source_modality = str(heads[0].get("Modality", ""))
+            for k, head in enumerate(heads):
+                kind = "input" if k == 0 else f"result {k}"
+                what = str(head.get("SeriesDescription", "") or head.get("Modality", ""))
+                png = folder / f"{i:02d}-{run.pipeline}-{'input' if k == 0 else f'result{k}'}.png"
+                series_uid = str(head.SeriesInstanceUID)
+                shot = viewer.screenshot_series(str(head.StudyInstanceUID), series_uid, png)
+                problems = tuple(shot.stats.problems(**_look(str(head.get("Modality", "")), source_modality)))
+                run.screenshots.append(
+                    ViewerShot(f"OHIF, {kind}: {what}", shot.viewport_png, series_uid, shot.url, problems, shot.seconds)
+                )
+                note = f" - LOOKS WRONG: {'; '.join(problems)}" if problems else ""
+                console.say(f"{run.pipeline}: {kind} '{what}' in the viewer ({shot.seconds:.1f} s){note}")
+        except Exception as exc:
+            log.exception("viewer screenshots of demo series %s failed", run.ref)
+            run.screenshot_error = f"{type(exc).__name__}: {exc}"
+            console.say(f"{run.pipeline}: viewer screenshots failed: {run.screenshot_error}")
+
+
+def _look(modality: str, source_modality: str) -> dict[str, Any]:
+    """Limits of :meth:`ImageStats.problems` that fit what a series looks like when shown well."""
+    if modality == "SR":  # a page of text: mostly background, few grey levels
+        return {"max_black": 0.995, "min_levels": 2, "min_std": 1.0}
+    if "SM" in (modality, source_modality):  # brightfield: mostly white glass around the tissue
+        return {"max_white": 0.98, "max_uniform": 0.98}
+    return {}
+
+
+def _start_viewer(root: Path, console: _Console) -> tuple[Viewer | None, str | None]:
+    """Orthanc + OHIF + Chromium, or None and why not (the demo then runs without them)."""
+    try:
+        from gateway.viewer import Viewer
+
+        viewer = Viewer(root, pacs_ae_title=PACS_AE).start()
+    except Exception as exc:
+        log.warning("viewer unavailable: %s", exc, exc_info=True)
+        console.say(f"viewer unavailable, using the built-in receiving node without screenshots: {exc}")
+        return None, f"{type(exc).__name__}: {exc}"
+    console.say(f"PACS {PACS_AE}: Orthanc on 127.0.0.1:{viewer.orthanc.dicom_port}; viewer: {viewer.ohif.url}")
+    return viewer, None
+
+
 # ---------------------------------------------------------------- report
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;max-width:1200px}
@@ -693,6 +851,7 @@ th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums
 section{border-top:1px solid #ddd;margin-top:2em;padding-top:1em}
 figure{display:inline-block;margin:0 1em 1em 0;text-align:center} figure img{border:1px solid #999;image-rendering:auto}
 figcaption{font-size:.9em;color:#555;max-width:256px;overflow-wrap:anywhere}
+img.shot{max-width:360px} figure:has(img.shot) figcaption{max-width:360px}
 code{background:#f6f6f6;padding:0 .2em;overflow-wrap:anywhere} .muted{color:#666}
 """
 
@@ -724,6 +883,7 @@ def _write_report(
     ok: bool,
     started: float,
     duration: float,
+    viewer_note: str | None = None,
 ) -> None:
     """Write the self-contained report (previews inline as data URIs)."""
     data_dir = config.gateway.data_dir if config is not None else out / "gateway-data"
@@ -740,7 +900,8 @@ def _write_report(
         f" &middot; configuration: {_e(config_path or 'embedded defaults')}</p>",
         "<p>A scanner (<code>" + SCANNER_AE + "</code>) sent each synthetic series to the gateway with C-STORE,"
         " one association per series. The gateway stored it, completed it, ran the pipeline and sent the"
-        " results to the receiving node <code>" + PACS_AE + "</code>.</p>",
+        " results to the PACS <code>" + PACS_AE + "</code>.</p>",
+        f"<p class='muted'>{_e(viewer_note)}</p>" if viewer_note else "",
         "<h2>Summary</h2>",
         "<table><tr><th>Pipeline</th><th>Series</th><th>Instances in</th><th>Outputs back</th>"
         "<th>Send</th><th>Completion after send</th><th>Job</th><th>First sent &rarr; last result</th>"
@@ -748,7 +909,7 @@ def _write_report(
     ]
     for i, run in enumerate(runs, 1):
         p.append(
-            f'<tr><td>{_e(run.pipeline)}</td>'
+            f"<tr><td>{_e(run.pipeline)}</td>"
             f'<td><a href="#s{i}">series {i}</a> <span class="muted">({_e(run.ref)})</span></td>'
             f'<td class="num">{run.accepted}/{len(run.files)}</td><td class="num">{len(run.outputs)}</td>'
             f'<td class="num">{_secs(run.send_seconds)}</td><td class="num">{_secs(run.completion_seconds)}</td>'
@@ -772,8 +933,20 @@ def _write_report(
             p.append(f'<p class="verdict bad">{_e(run.status)}: {_e(run.error)}</p>')
         if run.send_error and run.accepted:
             p.append(f"<p class='bad'>while sending: {_e(run.send_error)}</p>")
+        if run.screenshots:
+            p.append("<h3>In the viewer (OHIF over Orthanc's DICOMweb)</h3><div>")
+            for shot in run.screenshots:
+                b64 = base64.b64encode(shot.path.read_bytes()).decode("ascii")
+                warn = f"<br><b class='bad'>{_e('; '.join(shot.problems))}</b>" if shot.problems else ""
+                p.append(
+                    f'<figure><img class="shot" alt="{_e(shot.title)}" src="data:image/png;base64,{b64}">'
+                    f"<figcaption>{_e(shot.title)}<br><code>{_e(shot.path.name)}</code>{warn}</figcaption></figure>"
+                )
+            p.append("</div>")
+        if run.screenshot_error:
+            p.append(f"<p class='bad'>viewer screenshots failed: {_e(run.screenshot_error)}</p>")
         if run.previews:
-            p.append("<div>")
+            p.append("<h3>Previews</h3><div>")
             for title, png in run.previews:
                 b64 = base64.b64encode(png).decode("ascii")
                 p.append(
@@ -795,8 +968,10 @@ def _write_report(
         for job in run.jobs:
             err = f"; error: {_e(job.error)}" if job.error else ""
             rows.append(
-                (f"Job {job.id}", f"{_e(job.pipeline)}: {_e(job.state)}, {job.attempts} attempt(s), "
-                 f"{job.outputs} output(s){err}")
+                (
+                    f"Job {job.id}",
+                    f"{_e(job.pipeline)}: {_e(job.state)}, {job.attempts} attempt(s), {job.outputs} output(s){err}",
+                )
             )
         rows.append(("Input files", _paths_cell(sorted({f.parent for f in run.files}))))
         if run.study_uid:
@@ -836,7 +1011,15 @@ def _paths_cell(paths: Sequence[Path]) -> str:
 
 
 # ------------------------------------------------------------------- main
-def run_demo(out: Path, report: Path, timeout: float, config_path: Path | None = None) -> int:
+def run_demo(
+    out: Path,
+    report: Path,
+    timeout: float,
+    config_path: Path | None = None,
+    *,
+    viewer: bool = True,
+    keep_open: bool = False,
+) -> int:
     """Run the end-to-end demo and write the report.
 
     Parameters
@@ -852,6 +1035,12 @@ def run_demo(out: Path, report: Path, timeout: float, config_path: Path | None =
         A gateway configuration file for plugins, models, routes and pipeline
         options. The demo overrides ports, data dir, database, destinations
         and timing settings so it never touches a real installation.
+    viewer : bool
+        Use Orthanc with OHIF as the PACS and screenshot every result in the
+        viewer (the default); False uses the built-in receiving node.
+    keep_open : bool
+        After the report, print the viewer's address and keep Orthanc and
+        OHIF serving until Ctrl-C.
 
     Returns
     -------
@@ -877,26 +1066,50 @@ def run_demo(out: Path, report: Path, timeout: float, config_path: Path | None =
     notes: list[PipelineNote] = []
     config: Config | None = None
     gw: Gateway | None = None
-    pacs = ReceivingNode(out / "received")
+    seen: Viewer | None = None
+    pacs: Pacs | None = None
     with _demo_logging(out / "gateway.log", level):
         try:
             log.info("aigw %s demo in %s", __version__, out)
-            pacs.start()
+            viewer_note: str | None = "viewer screenshots switched off (--no-viewer)"
+            if viewer:
+                seen, why = _start_viewer(out / "viewer", console)
+                viewer_note = f"no viewer screenshots: the viewer could not start ({why})" if why else None
+            if seen is not None:
+                pacs = OrthancNode(seen.orthanc, out / "received")
+                pacs.start()
+            else:
+                pacs = ReceivingNode(out / "received")
+                pacs.start()
+                console.say(f"receiving node {PACS_AE} listening on 127.0.0.1:{pacs.port}")
             assert pacs.port is not None
-            console.say(f"receiving node {PACS_AE} listening on 127.0.0.1:{pacs.port}")
             config = _demo_config(config_path, out / "gateway-data", pacs.port)
             gw = Gateway(config)
             available = gw.plugins.available
             unavailable = dict(gw.plugins.unavailable)
             capable = {n: p for n, p in sorted(available.items()) if _demo_capable(p)}
-            notes = [PipelineNote(n, "no demo data (the pipeline has no demo_study hook)")
-                     for n in sorted(available) if n not in capable]
+            notes = [
+                PipelineNote(n, "no demo data (the pipeline has no demo_study hook)")
+                for n in sorted(available)
+                if n not in capable
+            ]
             if not capable:
                 verdict = "demo not run: no available pipeline provides demo data"
                 _explain_nothing_to_do(available, unavailable, gw.models.root)
-                _write_report(report, out=out, config=config, config_path=config_path, runs=[], notes=notes,
-                              unavailable=unavailable, verdict=verdict, ok=False, started=started,
-                              duration=console.elapsed())
+                _write_report(
+                    report,
+                    out=out,
+                    config=config,
+                    config_path=config_path,
+                    runs=[],
+                    notes=notes,
+                    unavailable=unavailable,
+                    verdict=verdict,
+                    ok=False,
+                    started=started,
+                    duration=console.elapsed(),
+                    viewer_note=viewer_note,
+                )
                 print(f"report: {report}", file=sys.stderr)
                 return 1
 
@@ -926,8 +1139,7 @@ def run_demo(out: Path, report: Path, timeout: float, config_path: Path | None =
                 label = f"series {i}/{len(runs)} ({run.pipeline}, {len(run.files)} instances)"
                 _send_series(run, gw.dicom_port, config.gateway.ae_title, console, label)
                 console.say(
-                    f"{label}: sent in {_secs(run.send_seconds)}"
-                    + (f" - {run.send_error}" if run.send_error else "")
+                    f"{label}: sent in {_secs(run.send_seconds)}" + (f" - {run.send_error}" if run.send_error else "")
                 )
 
             if runs:
@@ -935,14 +1147,27 @@ def run_demo(out: Path, report: Path, timeout: float, config_path: Path | None =
             for run in runs:
                 if run.outputs or run.files:
                     _make_previews(run, available.get(run.pipeline))
+            if seen is not None:
+                _screenshots(runs, seen, out / "screenshots", console)
 
             failed_gen = [n for n in notes if n.reason.startswith("demo_study failed")]
             back = sum(r.ok for r in runs)
             ok = bool(runs) and back == len(runs) and not failed_gen
             verdict = _verdict(runs, failed_gen, ok, console.elapsed())
-            _write_report(report, out=out, config=config, config_path=config_path, runs=runs, notes=notes,
-                          unavailable=unavailable, verdict=verdict, ok=ok, started=started,
-                          duration=console.elapsed())
+            _write_report(
+                report,
+                out=out,
+                config=config,
+                config_path=config_path,
+                runs=runs,
+                notes=notes,
+                unavailable=unavailable,
+                verdict=verdict,
+                ok=ok,
+                started=started,
+                duration=console.elapsed(),
+                viewer_note=viewer_note,
+            )
             for run in runs:
                 if not run.ok:
                     print(f"  {run.pipeline} series {run.ref}: {run.status}: {run.error}", file=sys.stderr)
@@ -950,9 +1175,11 @@ def run_demo(out: Path, report: Path, timeout: float, config_path: Path | None =
                 print(f"  {note.name}: {note.reason}", file=sys.stderr)
             print(f"report: {report}", file=sys.stderr)
             print(verdict)
+            if keep_open:
+                _keep_open(seen, runs, gw, console)
             return 0 if ok else 1
         except KeyboardInterrupt:
-            console.say("interrupted: stopping the gateway and the receiving node")
+            console.say(f"interrupted: stopping the gateway and {PACS_AE}")
             raise
         finally:
             # Also on Ctrl-C: no listener or worker thread outlives the demo.
@@ -961,7 +1188,30 @@ def run_demo(out: Path, report: Path, timeout: float, config_path: Path | None =
                     gw.stop()  # also closes the index of a gateway that never started
                 except Exception:
                     log.exception("stopping the gateway failed")
-            pacs.stop()
+            if pacs is not None:
+                pacs.stop()
+            if seen is not None:
+                seen.stop()
+
+
+def _keep_open(viewer: Viewer | None, runs: Sequence[SeriesRun], gw: Gateway, console: _Console) -> None:
+    """Keep serving until Ctrl-C, so a person can look at the results in OHIF."""
+    if viewer is None:
+        console.say("--keep-open: there is no viewer to keep open (see the report)")
+        return
+    print(f"OHIF viewer: {viewer.ohif.url}/  (study list; Orthanc: {viewer.orthanc.url}/)", file=sys.stderr)
+    for run in runs:
+        for shot in run.screenshots:
+            print(f"  {run.pipeline}: {shot.title}: {shot.url}", file=sys.stderr)
+    print(
+        f"gateway {gw.config.gateway.ae_title} on 127.0.0.1:{gw.dicom_port} sends results there; Ctrl-C stops all",
+        file=sys.stderr,
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        console.say("stopping")
 
 
 def _verdict(runs: Sequence[SeriesRun], failed_gen: Sequence[PipelineNote], ok: bool, seconds: float) -> str:

@@ -19,6 +19,9 @@ from typing import Any
 
 import pytest
 
+# Orthanc lives with the viewer harness; the tests keep importing it from here.
+from gateway.viewer import Orthanc
+
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = "tests.plugins.invert:factory"
 
@@ -76,76 +79,6 @@ def storescu(
     """Send files with DCMTK's storescu (one association); returns the completed process."""
     cmd = [need("storescu"), "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port), *map(str, files)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-
-
-class Orthanc:
-    """A real Orthanc server as the PACS, with a few REST helpers."""
-
-    def __init__(
-        self, root: Path, ae_title: str = "ORTHANC", always_allow_store: bool = True, check_called_aet: bool = False
-    ) -> None:
-        self.root = root
-        self.ae_title = ae_title
-        self.dicom_port = free_port()
-        self.http_port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        root.mkdir(parents=True, exist_ok=True)
-        cfg = {
-            "Name": "aigw-test-pacs",
-            "StorageDirectory": str(root / "db"),
-            "IndexDirectory": str(root / "db"),
-            "HttpPort": self.http_port,
-            "DicomPort": self.dicom_port,
-            "DicomAet": ae_title,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": check_called_aet,
-            "DicomAlwaysAllowStore": always_allow_store,
-            "DicomAlwaysAllowEcho": True,
-            "DicomModalities": {},
-            "HttpServerEnabled": True,
-            "Plugins": [],
-            "StorageCompression": False,
-            "OverwriteInstances": False,
-        }
-        self.config = root / "orthanc.json"
-        self.config.write_text(json.dumps(cfg, indent=1))
-
-    def start(self) -> Orthanc:
-        log = open(self.root / "orthanc.log", "ab")
-        self.proc = subprocess.Popen([need("Orthanc"), str(self.config)], stdout=log, stderr=log)
-        wait_for(lambda: http_get(f"{self.url}/system")[0] == 200, 30, "Orthanc to start")
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def get(self, path: str) -> Any:
-        code, body = http_get(self.url + path)
-        assert code == 200, f"Orthanc GET {path}: HTTP {code}"
-        return json.loads(body)
-
-    def instance_uids(self) -> list[str]:
-        """SOPInstanceUID of every instance Orthanc holds (duplicates would show twice)."""
-        out = []
-        for iid in self.get("/instances"):
-            tags = self.get(f"/instances/{iid}/simplified-tags")
-            out.append(tags["SOPInstanceUID"])
-        return out
-
-    def statistics(self) -> dict[str, Any]:
-        return dict(self.get("/statistics"))
 
 
 class GatewayProcess:
@@ -328,7 +261,7 @@ def mr_series(folder: Path, n: int = 4, description: str = "T1 SE", seed: int = 
     from pydicom.data import get_testdata_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    base = dcmread(get_testdata_file("MR_small.dcm"))
+    base = dcmread(str(get_testdata_file("MR_small.dcm")))
     series_uid = f"2.25.{seed}000{n}"
     paths = []
     rng = np.random.default_rng(seed)

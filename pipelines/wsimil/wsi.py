@@ -978,8 +978,12 @@ def write_slide(
             overview = _overview(scene, layout, label)
             single("overview", ImageFlavour.OVERVIEW, overview, MACRO_SPACING_MM, layout.glass_origin, glass_mm)
     if "thumbnail" in extras:
-        # The whole scanned area at <= THUMBNAIL_MAX_PX a side, rendered directly at that resolution
+        # The whole scanned area at <= THUMBNAIL_MAX_PX a side, rendered directly at that resolution,
+        # and at most half the coarsest level: a thumbnail between two levels makes viewers that
+        # stack every flavour by resolution (OHIF's microscopy viewer) see two levels at one zoom.
         t_mpp = max(base_mpp, max(scene.width_um, scene.height_um) / THUMBNAIL_MAX_PX)
+        if levels:
+            t_mpp = max(t_mpp, 2 * max(level.mpp for level in levels))
         tw = min(THUMBNAIL_MAX_PX, math.ceil(scene.width_um / t_mpp))
         th = min(THUMBNAIL_MAX_PX, math.ceil(scene.height_um / t_mpp))
         thumbnail = _render_region(scene, tw, th, t_mpp, tile)

@@ -108,7 +108,7 @@ class InvertPipeline:
         from pydicom import dcmread
         from pydicom.data import get_testdata_file
 
-        src = dcmread(get_testdata_file("MR_small.dcm"))
+        src = dcmread(str(get_testdata_file("MR_small.dcm")))
         folder.mkdir(parents=True, exist_ok=True)
         src.SeriesInstanceUID = f"2.25.{seed}1"
         src.SOPInstanceUID = f"2.25.{seed}2"
