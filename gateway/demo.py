@@ -785,6 +785,9 @@ def _make_previews(run: SeriesRun, pipeline: Pipeline | None) -> None:
 # ---------------------------------------------------------- the viewer
 def _screenshots(runs: Sequence[SeriesRun], viewer: Viewer, folder: Path, console: _Console) -> None:
     """Open each series that came back, its input and every result series, in OHIF; screenshot each."""
+    from gateway.viewer import ViewerMode
+
+    fallback = ViewerMode.FALLBACK
     for i, run in enumerate(runs, 1):
         if not run.ok or run.study_uid is None:
             continue
@@ -806,9 +809,11 @@ def _screenshots(runs: Sequence[SeriesRun], viewer: Viewer, folder: Path, consol
                 series_uid = str(head.SeriesInstanceUID)
                 shot = viewer.screenshot_series(str(head.StudyInstanceUID), series_uid, png)
                 problems = tuple(shot.stats.problems(**_look(str(head.get("Modality", "")), source_modality)))
-                run.screenshots.append(
-                    ViewerShot(f"OHIF, {kind}: {what}", shot.viewport_png, series_uid, shot.url, problems, shot.seconds)
-                )
+                # Say so where OHIF could not show the type and the harness drew it instead.
+                shown_by = "fallback picture (OHIF 3.13 cannot show it)" if shot.mode is fallback else "OHIF"
+                title = f"{shown_by}, {kind}: {what}"
+                png_shown = shot.viewport_png
+                run.screenshots.append(ViewerShot(title, png_shown, series_uid, shot.url, problems, shot.seconds))
                 note = f" - LOOKS WRONG: {'; '.join(problems)}" if problems else ""
                 console.say(f"{run.pipeline}: {kind} '{what}' in the viewer ({shot.seconds:.1f} s){note}")
         except Exception as exc:
@@ -1202,7 +1207,8 @@ def _keep_open(viewer: Viewer | None, runs: Sequence[SeriesRun], gw: Gateway, co
     print(f"OHIF viewer: {viewer.ohif.url}/  (study list; Orthanc: {viewer.orthanc.url}/)", file=sys.stderr)
     for run in runs:
         for shot in run.screenshots:
-            print(f"  {run.pipeline}: {shot.title}: {shot.url}", file=sys.stderr)
+            if shot.url:
+                print(f"  {run.pipeline}: {shot.title}: {shot.url}", file=sys.stderr)
     print(
         f"gateway {gw.config.gateway.ae_title} on 127.0.0.1:{gw.dicom_port} sends results there; Ctrl-C stops all",
         file=sys.stderr,
