@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import Dataset
 
 # Orthanc lives with the viewer harness; the tests keep importing it from here.
-from gateway.viewer import Orthanc
+from gateway.viewer import Orthanc, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = "tests.plugins.invert:factory"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # DCMTK leaves Nagle's algorithm on unless told; without this every DIMSE
@@ -252,6 +246,17 @@ def make_gateway(tmp_path: Path, models_dir: Path) -> Iterator[Callable[..., Gat
 @pytest.fixture
 def gateway(make_gateway: Callable[..., GatewayProcess]) -> GatewayProcess:
     return make_gateway()
+
+
+def save_all(datasets: Sequence[Dataset], folder: Path, prefix: str = "") -> list[Path]:
+    """Write data sets as DICOM files ``<prefix><k>.dcm`` in ``folder``; returns the paths in order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, ds in enumerate(datasets):
+        path = folder / f"{prefix}{k:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
 
 
 def mr_series(folder: Path, n: int = 4, description: str = "T1 SE", seed: int = 1) -> list[Path]:

@@ -23,7 +23,7 @@ from pydicom.uid import UID, Comprehensive3DSRStorage, MRImageStorage, Parametri
 from gateway.contract import Identity, Instance, Pipeline, RunContext, Series
 from gateway.headers import routing_headers
 from gateway.uids import derived_uid
-from tests.conftest import REPO
+from tests.conftest import REPO, save_all
 from tests.validators import ALLOW_LIST, PixelMed, Report, Tool, allowance_for, validate
 
 MODELS = REPO / "exported_models"
@@ -68,12 +68,7 @@ def _run(
     t0 = time.perf_counter()
     out: Sequence[Dataset] = pipeline.run(series, ctx)
     print(f"{pipeline.name}: {len(out)} dataset(s) in {time.perf_counter() - t0:.1f} s")
-    paths = []
-    for k, ds in enumerate(out):
-        path = folder / f"{pipeline.name}-{k:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    return save_all(out, folder, f"{pipeline.name}-")
 
 
 # --------------------------------------------------------------------------- outputs, once per module

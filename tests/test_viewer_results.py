@@ -30,7 +30,7 @@ from pipelines.wsimil.infer import make_session
 from pipelines.wsimil.pipeline import ENCODER, HEAD, WsiMilPipeline
 from pipelines.wsimil.scene import SlideScene
 from pipelines.wsimil.wsi import SlideFiles
-from tests.conftest import REPO, need
+from tests.conftest import REPO, need, save_all
 from tests.test_ivim_pipeline import as_series
 from tests.test_ivim_pipeline import context as ivim_context
 from tests.test_lf2hf_pipeline import context as lf2hf_context
@@ -49,16 +49,6 @@ class Shown:
 
     head: Dataset
     shot: Screenshot
-
-
-def _save(datasets: list[Dataset], folder: Path) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, ds in enumerate(datasets):
-        path = folder / f"{i:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
 
 
 def _show(viewer: Viewer, outputs: list[Path], folder: Path) -> dict[str, Shown]:
@@ -86,7 +76,7 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
 def ivim_shown(viewer: Viewer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Shown]:
     root = tmp_path_factory.mktemp("ivim-shown")
     study = make_dwi_study(root / "in", seed=21, size=64, slices=3)
-    outputs = _save(IvimPipeline().run(as_series(study.paths), ivim_context()), root / "out")
+    outputs = save_all(IvimPipeline().run(as_series(study.paths), ivim_context()), root / "out")
     viewer.upload([*study.paths, *outputs])
     return _show(viewer, outputs, root / "shots")
 
@@ -99,7 +89,7 @@ def wsi_shown(
     sessions = {name: make_session(REPO / "exported_models" / f"{name}.onnx") for name in (ENCODER, HEAD)}
     scene, files = slide(root / "in", seed=7)
     ctx, _ = wsi_context(sessions)
-    outputs = _save(WsiMilPipeline().run(as_series(files.paths), ctx), root / "out")
+    outputs = save_all(WsiMilPipeline().run(as_series(files.paths), ctx), root / "out")
     viewer.upload([*files.paths, *outputs])
     source = viewer.screenshot_series(files.study_uid, files.series_uid, root / "shots" / "slide.png")
     return scene, files, _show(viewer, outputs, root / "shots"), source
@@ -129,7 +119,7 @@ def test_each_derived_ivim_series_renders_in_ohif(ivim_shown: dict[str, Shown]) 
 def test_the_ai_enhanced_low_field_series_renders_in_ohif(viewer: Viewer, tmp_path: Path) -> None:
     inputs = write_lowfield_series(tmp_path / "in", seed=12, matrix=(96, 88), slices=(75, 85))
     ctx, _ = lf2hf_context()
-    outputs = _save(Lf2hfPipeline().run(as_series(inputs), ctx), tmp_path / "out")
+    outputs = save_all(Lf2hfPipeline().run(as_series(inputs), ctx), tmp_path / "out")
     viewer.upload([*inputs, *outputs])
     (s,) = _show(viewer, outputs, tmp_path / "shots").values()
     assert s.shot.mode is ViewerMode.VIEWER, s.shot.notes
