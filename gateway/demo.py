@@ -942,7 +942,7 @@ def _write_report(
             p.append("<h3>In the viewer (OHIF over Orthanc's DICOMweb)</h3><div>")
             for shot in run.screenshots:
                 b64 = base64.b64encode(shot.path.read_bytes()).decode("ascii")
-                warn = f"<br><b class='bad'>{_e('; '.join(shot.problems))}</b>" if shot.problems else ""
+                warn = f"<br><b class='bad'>looks wrong: {_e('; '.join(shot.problems))}</b>" if shot.problems else ""
                 p.append(
                     f'<figure><img class="shot" alt="{_e(shot.title)}" src="data:image/png;base64,{b64}">'
                     f"<figcaption>{_e(shot.title)}<br><code>{_e(shot.path.name)}</code>{warn}</figcaption></figure>"

@@ -16,6 +16,7 @@ from pydicom import Dataset, dcmread
 
 from gateway.contract import ModelSpec, RunContext, Selection, Series, SeriesInfo
 from gateway.demo import MARKER, run_demo
+from gateway.viewer import image_stats
 
 
 class FailingPipeline:
@@ -79,6 +80,13 @@ def test_demo_sends_series_and_reports_results(tmp_path: Path, models_dir: Path)
     assert "test-invert" in html
     assert "demo OK" in html
     assert str(out / "received") in html
+    # The PACS is a real Orthanc, and OHIF showed the input and the result.
+    assert "In the viewer (OHIF over Orthanc" in html and "looks wrong" not in html
+    shots = sorted((out / "screenshots").glob("*.viewport.png"))
+    assert [p.name for p in shots] == ["01-test-invert-input.viewport.png", "01-test-invert-result1.viewport.png"]
+    for shot in shots:
+        assert not image_stats(shot).problems(), shot.name
+        assert shot.name in html
 
     received = sorted((out / "received").rglob("*.dcm"))
     assert received, "DEMO_PACS received nothing"

@@ -98,6 +98,10 @@ class InvertPipeline:
             ds.InstanceNumber = k + 1
             ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
             ds.PixelData = pixels.tobytes()
+            if "WindowCenter" in ds:
+                # The source's window, mirrored with the pixels; as it was, the viewer showed white.
+                centres = ds.WindowCenter if ds["WindowCenter"].VM > 1 else [ds.WindowCenter]
+                ds.WindowCenter = [f"{4095 - float(c):g}" for c in centres]
             ds.Manufacturer = ctx.identity.manufacturer
             ds.SoftwareVersions = ctx.identity.software_version
             out.append(ds)
