@@ -43,7 +43,6 @@ import shutil
 import sys
 import threading
 import time
-import urllib.request
 import zlib
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -370,8 +369,7 @@ class OrthancNode:
                     return
 
     def _mirror(self, orthanc_id: str) -> None:
-        with urllib.request.urlopen(f"{self.orthanc.url}/instances/{orthanc_id}/file", timeout=30) as r:
-            data = r.read()
+        data = self.orthanc.file(orthanc_id)
         ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
         series = checked_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
         sop = checked_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")

@@ -361,6 +361,13 @@ class Orthanc:
         """Orthanc's identifier of the series with this SeriesInstanceUID."""
         return self.lookup(series_uid, "Series")
 
+    def file(self, instance_id: str) -> bytes:
+        """The DICOM file of one instance, as Orthanc stores it."""
+        code, body = _http("GET", f"{self.url}/instances/{instance_id}/file", timeout=120)
+        if code != 200:
+            raise RuntimeError(f"Orthanc GET /instances/{instance_id}/file: HTTP {code}")
+        return body
+
     def rendered(self, instance_id: str, frame: int = 0) -> bytes:
         """Orthanc's own PNG of one frame (``/instances/{id}/frames/{n}/preview``).
 
@@ -1093,7 +1100,7 @@ class Viewer:
     def _has_spatial_coordinates(self, instance_id: str) -> bool:
         from pydicom import dcmread
 
-        ds = dcmread(io.BytesIO(self._instance_file(instance_id)), stop_before_pixels=True)
+        ds = dcmread(io.BytesIO(self.orthanc.file(instance_id)), stop_before_pixels=True)
         stack = list(ds.get("ContentSequence", []))
         while stack:
             item = stack.pop()
@@ -1101,12 +1108,6 @@ class Viewer:
                 return True
             stack.extend(item.get("ContentSequence", []))
         return False
-
-    def _instance_file(self, instance_id: str) -> bytes:
-        code, body = _http("GET", f"{self.orthanc.url}/instances/{instance_id}/file", timeout=120)
-        if code != 200:
-            raise RuntimeError(f"Orthanc GET /instances/{instance_id}/file: HTTP {code}")
-        return body
 
     # -- screenshots
 
@@ -1306,7 +1307,7 @@ class Viewer:
             slides = [uid for uid in slides if self._modality_of(uid) == "SM"]
             if slides:
                 level = _pick_level(self._instances(slides[0]), max_columns=2048)
-                picture = _seg_over_slide(self._instance_file(instances[0][0]), self._instance_file(level))
+                picture = _seg_over_slide(self.orthanc.file(instances[0][0]), self.orthanc.file(level))
         if picture is None:
             if first.get("SOPClassUID") == _SM_STORAGE:
                 instance_id, frame = _pick_level(instances, single_frame=True), 0
@@ -1318,7 +1319,7 @@ class Viewer:
                     picture = png.copy()
             except RuntimeError:
                 # HTTP 415: Orthanc has no decoder for these pixels, or there are none.
-                picture = _render_dataset(self._instance_file(instance_id), frame)
+                picture = _render_dataset(self.orthanc.file(instance_id), frame)
         if min(picture.size) < min_size:
             scale = -(-min_size // max(min(picture.size), 1))
             picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)

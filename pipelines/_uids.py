@@ -10,10 +10,11 @@ __all__ = ["pin_dimension_organization"]
 def pin_dimension_organization(ds: Dataset, uid: str) -> None:
     """Replace the Dimension Organization UID highdicom draws at random by ``uid``.
 
-    A job that runs twice (at-least-once execution) must send byte-identical
-    instances, or PACS sees the same SOP Instance UID with other content
-    (PS3.3 C.7.6.17: the UID only has to identify the organisation, so a
-    deterministic one is as valid).
+    A job that runs twice (at-least-once execution) sends the same SOP
+    Instance UIDs; the UIDs inside them should not differ either, or two
+    copies of one instance disagree on how its frames are organised (PS3.3
+    C.7.6.17: the UID only has to identify the organisation, so one derived
+    from the job is as valid as a random one).
     """
     for item in ds.get("DimensionOrganizationSequence", []):
         item.DimensionOrganizationUID = uid
