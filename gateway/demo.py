@@ -823,7 +823,7 @@ def _screenshots(runs: Sequence[SeriesRun], viewer: Viewer, folder: Path, consol
 def _look(modality: str, source_modality: str) -> dict[str, Any]:
     """Limits of :meth:`ImageStats.problems` that fit what a series looks like when shown well."""
     if modality == "SR":  # a page of text: mostly background, few grey levels
-        return {"max_black": 0.995, "min_levels": 2, "min_std": 1.0}
+        return {"max_black": 0.995, "max_uniform": 0.995, "min_levels": 2, "min_std": 1.0}
     if "SM" in (modality, source_modality):  # brightfield: mostly white glass around the tissue
         return {"max_white": 0.98, "max_uniform": 0.98}
     return {}
