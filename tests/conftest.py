@@ -20,7 +20,7 @@ import pytest
 from pydicom import Dataset
 
 # Orthanc lives with the viewer harness; the tests keep importing it from here.
-from gateway.viewer import Orthanc, free_port
+from gateway.viewer import Orthanc, Viewer, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = "tests.plugins.invert:factory"
@@ -218,7 +218,20 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     try:
         yield server
     finally:
-        server.stop()
+        server.stop(graceful=False)  # its data dies with the test's folder
+
+
+@pytest.fixture(scope="session")
+def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
+    """One Orthanc + OHIF + headless Chromium for all viewer tests (each test uploads its own studies)."""
+    try:
+        harness = Viewer(tmp_path_factory.mktemp("viewer")).start()
+    except RuntimeError as e:  # a missing binary or viewer: the message names the setup command
+        pytest.fail(str(e))
+    try:
+        yield harness
+    finally:
+        harness.stop()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,18 +42,6 @@ def mr_small_series(folder: Path, seed: int, n: int = 3, pixels: str = "anatomy"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
-
-
-@pytest.fixture(scope="module")
-def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
-    try:
-        harness = Viewer(tmp_path_factory.mktemp("viewer")).start()
-    except RuntimeError as e:  # a missing binary or viewer: the message names the setup command
-        pytest.fail(str(e))
-    try:
-        yield harness
-    finally:
-        harness.stop()
 
 
 def _shoot(viewer: Viewer, files: list[Path], out: Path) -> Screenshot:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,12 +63,6 @@ def _show(viewer: Viewer, outputs: list[Path], folder: Path) -> dict[str, Shown]
             first, viewer.screenshot_series(str(first.StudyInstanceUID), str(first.SeriesInstanceUID), png)
         )
     return shown
-
-
-@pytest.fixture(scope="module")
-def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
-    with Viewer(tmp_path_factory.mktemp("viewer")) as v:
-        yield v
 
 
 @pytest.fixture(scope="module")

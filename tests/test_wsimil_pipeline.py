@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import highdicom as hd
 import numpy as np
@@ -99,7 +100,8 @@ def test_seg_and_sr_are_valid_aligned_and_reference_the_slide(
         errors = dciodvfy(tmp_path / name).errors
         assert not errors, f"{name}: " + "\n".join(errors)
     seg = hd.seg.segread(tmp_path / "seg.dcm")
-    sr = hd.sr.srread(tmp_path / "sr.dcm")
+    sr = cast(hd.sr.Comprehensive3DSR, hd.sr.srread(tmp_path / "sr.dcm"))
+    report: Any = sr.content  # a MeasurementReport; highdicom types it as a plain ContentSequence
 
     # geometry: slide Frame of Reference and orientation, one pixel per model tile, same area
     level = dcmread(files.levels[1].path, stop_before_pixels=True)  # base 1.0 um: level 1 is the model's 2.0 um
@@ -134,7 +136,7 @@ def test_seg_and_sr_are_valid_aligned_and_reference_the_slide(
     assert prob[truth].mean() > prob[~truth].mean() + 0.3
 
     # report: Present, probability, area, references to the slide and the segmentation
-    groups = sr.content.get_planar_roi_measurement_groups() + sr.content.get_volumetric_roi_measurement_groups()
+    groups = report.get_planar_roi_measurement_groups() + report.get_volumetric_roi_measurement_groups()
     assert groups
     evidence = {
         i.ReferencedSOPInstanceUID
@@ -153,7 +155,7 @@ def test_seg_and_sr_are_valid_aligned_and_reference_the_slide(
         for m in group.get_measurements():
             names = [it.ConceptNameCodeSequence[0].CodeValue for it in m[0].get("ContentSequence", [])]
             assert algorithm_name in names, m.name.meaning
-    for group in sr.content.get_volumetric_roi_measurement_groups():
+    for group in report.get_volumetric_roi_measurement_groups():
         assert algorithm_name not in [it.ConceptNameCodeSequence[0].CodeValue for it in group[0].ContentSequence]
     # Histopathology is not in CID 100: the code declares the extension (PS3.3 Table 8.8-1).
     (procedure,) = [it for it in sr.ContentSequence if it.ConceptNameCodeSequence[0].CodeValue == "121058"]
@@ -165,7 +167,7 @@ def test_seg_and_sr_are_valid_aligned_and_reference_the_slide(
 
 @pytest.mark.parametrize("variant", [{"compression": "jpeg2000", "sparse": True}, {"compression": "none"}])
 def test_pyramid_variants_give_the_same_answer(
-    variant: dict[str, object], positive: tuple[SlideScene, SlideFiles], sessions: dict[str, object], tmp_path: Path
+    variant: dict[str, Any], positive: tuple[SlideScene, SlideFiles], sessions: dict[str, object], tmp_path: Path
 ) -> None:
     ctx, _ = context(sessions)
     ref = seg_map(split(WsiMilPipeline().run(as_series(positive[1].paths), ctx))[0])
