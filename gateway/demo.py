@@ -1096,23 +1096,27 @@ def run_demo(
                 for n in sorted(available)
                 if n not in capable
             ]
-            if not capable:
-                verdict = "demo not run: no available pipeline provides demo data"
-                _explain_nothing_to_do(available, unavailable, gw.models.root)
+
+            def write_report(verdict: str, ok: bool) -> None:
                 _write_report(
                     report,
                     out=out,
                     config=config,
                     config_path=config_path,
-                    runs=[],
+                    runs=runs,
                     notes=notes,
                     unavailable=unavailable,
                     verdict=verdict,
-                    ok=False,
+                    ok=ok,
                     started=started,
                     duration=console.elapsed(),
                     viewer_note=viewer_note,
                 )
+
+            if not capable:
+                verdict = "demo not run: no available pipeline provides demo data"
+                _explain_nothing_to_do(available, unavailable, gw.models.root)
+                write_report(verdict, False)
                 print(f"report: {report}", file=sys.stderr)
                 return 1
 
@@ -1157,20 +1161,7 @@ def run_demo(
             back = sum(r.ok for r in runs)
             ok = bool(runs) and back == len(runs) and not failed_gen
             verdict = _verdict(runs, failed_gen, ok, console.elapsed())
-            _write_report(
-                report,
-                out=out,
-                config=config,
-                config_path=config_path,
-                runs=runs,
-                notes=notes,
-                unavailable=unavailable,
-                verdict=verdict,
-                ok=ok,
-                started=started,
-                duration=console.elapsed(),
-                viewer_note=viewer_note,
-            )
+            write_report(verdict, ok)
             for run in runs:
                 if not run.ok:
                     print(f"  {run.pipeline} series {run.ref}: {run.status}: {run.error}", file=sys.stderr)
