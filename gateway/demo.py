@@ -212,6 +212,22 @@ class Received:
     at: float
 
 
+def _file_received(root: Path, data: bytes | Path) -> Received:
+    """File one received instance (bytes, or a file to copy) as ``<root>/<series>/<sop>.dcm``, atomically."""
+    ds = dcmread(data if isinstance(data, Path) else io.BytesIO(data), stop_before_pixels=True)
+    series = checked_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+    sop = checked_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+    final = root / series / f"{sop}.dcm"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    part = final.with_name(f".{final.name}.part")
+    if isinstance(data, Path):
+        shutil.copyfile(data, part)
+    else:
+        part.write_bytes(data)
+    os.replace(part, final)
+    return Received(sop, series, final, time.time())
+
+
 class ReceivingNode:
     """``DEMO_PACS``: a Storage SCP on loopback that files what it receives.
 
@@ -289,25 +305,11 @@ class ReceivingNode:
         except AttributeError:
             src = None
         if isinstance(src, Path):
-            ds = dcmread(src, stop_before_pixels=True)
-            payload: bytes | None = None
+            got = _file_received(self.root, src)
         else:
-            src = None
-            payload = event.encoded_dataset(include_meta=True)
-            ds = dcmread(io.BytesIO(payload), stop_before_pixels=True)
-        series = checked_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-        sop = checked_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
-        final = self.root / series / f"{sop}.dcm"
-        final.parent.mkdir(parents=True, exist_ok=True)
-        part = final.with_name(f".{final.name}.part")
-        if src is not None:
-            shutil.copyfile(src, part)
-        else:
-            assert payload is not None
-            part.write_bytes(payload)
-        os.replace(part, final)
+            got = _file_received(self.root, event.encoded_dataset(include_meta=True))
         with self._lock:
-            self._received[sop] = Received(sop, series, final, time.time())
+            self._received[got.sop_instance_uid] = got
 
 
 class OrthancNode:
@@ -369,16 +371,8 @@ class OrthancNode:
                     return
 
     def _mirror(self, orthanc_id: str) -> None:
-        data = self.orthanc.file(orthanc_id)
-        ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
-        series = checked_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-        sop = checked_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
-        final = self.root / series / f"{sop}.dcm"
-        final.parent.mkdir(parents=True, exist_ok=True)
-        part = final.with_name(f".{final.name}.part")
-        part.write_bytes(data)
-        os.replace(part, final)
-        self._received[sop] = Received(sop, series, final, time.time())
+        got = _file_received(self.root, self.orthanc.file(orthanc_id))
+        self._received[got.sop_instance_uid] = got
 
 
 #: Either kind of DEMO_PACS.
