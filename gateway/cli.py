@@ -14,6 +14,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="action", required=True)
     c = csub.add_parser("check", help="validate and print the effective configuration")
+    _add_config(c)
+    c = csub.add_parser("options", help="print the reference of every installed pipeline's options (Markdown)")
     _add_config(c)
 
     p = sub.add_parser("route", help="routing tools")
@@ -222,7 +225,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     models = ModelRegistry(cfg.models.dir, cfg.models.providers)
     plugins = discover(cfg, models)
     router = Router(cfg.routes, plugins.available, plugins.unavailable)
-    problems = router.check()
+    problems = plugins.config_errors + router.check()
     print(f"# effective configuration ({args.config or 'embedded defaults'})")
     print(json.dumps(json.loads(cfg.model_dump_json()), indent=2))
     print(f"# pipelines available: {', '.join(sorted(plugins.available)) or 'none'}")
@@ -232,9 +235,17 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print("# no [[routes]]: each available pipeline uses its default selector")
     if problems:
         for p in problems:
-            print(f"{args.config or '<defaults>'}: {p}", file=sys.stderr)
+            # Option errors already name their file; routing problems do not.
+            print(p if p.startswith(f"{cfg.source}: ") else f"{cfg.source}: {p}", file=sys.stderr)
         return 2
     print("configuration OK")
+    return 0
+
+
+def cmd_config_options(args: argparse.Namespace) -> int:
+    from gateway.plugins import options_reference
+
+    print(options_reference(_load(args).plugins), end="")
     return 0
 
 
@@ -297,7 +308,7 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     idx = _index(_load(args))
     rows = idx.list_jobs(args.state, args.limit)
     if args.json:
-        print(json.dumps([{k: r._mapping[k] for k in r._mapping.keys() if k != "owner"} for r in rows], indent=1))
+        print(json.dumps([{k: v for k, v in asdict(r).items() if k != "owner"} for r in rows], indent=1))
         return 0
     _table(
         [
@@ -325,7 +336,7 @@ def cmd_deadletter_list(args: argparse.Namespace) -> int:
     idx = _index(_load(args))
     rows = idx.list_dead()
     if args.json:
-        print(json.dumps([dict(r._mapping) for r in rows], indent=1))
+        print(json.dumps([asdict(r) for r in rows], indent=1))
         return 0
     _table(
         [
@@ -439,7 +450,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.demo import run_demo
+    from gateway.apps.demo import run_demo
 
     config = Path(args.config) if args.config else None
     return run_demo(
@@ -457,6 +468,7 @@ _COMMANDS = {
     ("demo", None): cmd_demo,
     ("worker", None): cmd_worker,
     ("config", "check"): cmd_config_check,
+    ("config", "options"): cmd_config_options,
     ("route", "explain"): cmd_route_explain,
     ("jobs", "list"): cmd_jobs_list,
     ("jobs", "retry"): cmd_jobs_retry,

@@ -23,7 +23,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 __all__ = [
     "Condition",
@@ -319,7 +319,12 @@ class ModelSettings(_Strict):
 
 
 class PipelineSettings(BaseModel):
-    """Per-pipeline table: ``enabled`` plus any options the pipeline reads."""
+    """Per-pipeline table: ``enabled`` plus the pipeline's own options.
+
+    The options are kept as given here and validated against the pipeline's
+    options model when the plugins are loaded (:func:`gateway.plugins.discover`),
+    because only the plugin knows which keys it takes.
+    """
 
     model_config = ConfigDict(extra="allow")
     enabled: bool = True
@@ -348,6 +353,14 @@ class Config(_Strict):
         default_factory=list,
         description="extra plugins as 'module:factory', besides installed entry points",
     )
+    # Where the configuration came from, for messages about keys that only the
+    # plugins can check ("aigw.toml: pipelines.ivim.min_bvalues: ...").
+    _source: str = PrivateAttr(default="<defaults>")
+
+    @property
+    def source(self) -> str:
+        """The file the configuration was read from, or ``<defaults>``."""
+        return self._source
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
@@ -387,6 +400,7 @@ class Config(_Strict):
         return self.gateway.database_url or f"sqlite:///{self.gateway.data_dir / 'index.sqlite'}"
 
     def pipeline_options(self, name: str) -> dict[str, Any]:
+        """The ``[pipelines.<name>]`` table without ``enabled``: the raw options the plugin validates."""
         s = self.pipelines.get(name)
         return dict(s.model_extra or {}) if s is not None else {}
 
@@ -526,4 +540,5 @@ def load_config(
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"{origin}: {loc or '(top level)'}: {msg}")
         raise ConfigError("\n".join(lines)) from None
+    cfg._source = source
     return cfg

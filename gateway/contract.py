@@ -6,24 +6,38 @@ method that turns an assembled series into DICOM datasets to send back. The
 gateway owns everything else: storage, completion, routing, retries, sending.
 
 Plugins are discovered through the ``aigw.pipelines`` entry point group; the
-entry point names a zero-argument callable (usually the class) returning the
-pipeline object.  Importing a plugin must be cheap and must not fail because
-an optional dependency is missing: raise :class:`PipelineUnavailable` from the
-factory instead, and the gateway lists the plugin as unavailable with the
-reason.
+entry point names the factory, usually the pipeline class. A factory with an
+``options_model`` attribute (a :class:`PipelineOptions` subclass) is called
+with the validated ``[pipelines.<name>]`` table; one without it is called
+with no arguments and accepts no options. Importing a plugin must be cheap
+and must not fail because an optional dependency is missing: raise
+:class:`PipelineUnavailable` from the factory instead, and the gateway lists
+the plugin as unavailable with the reason.
+
+Every built-in pipeline has the same shape (``pipelines/<name>/``):
+``pipeline.py`` (selector and run), ``options.py``, ``preprocess.py``,
+``infer.py``, ``dicom.py``, and ``lab/`` for what never runs in the service.
+``tests/plugins/invert/`` is the smallest complete example to copy.
 
 Example
 -------
-A complete minimal plugin (the test suite ships one like it)::
+A complete minimal plugin::
 
-    from gateway.contract import ModelSpec, RunContext, Selection, Series, SeriesInfo
+    from gateway.contract import ModelSpec, PipelineOptions, RunContext, Selection, Series, SeriesInfo
+
+    class InvertOptions(PipelineOptions):
+        modality: str = Field("MR", description="modality the default selector takes")
 
     class Invert:
         name = "invert"
+        options_model = InvertOptions
+
+        def __init__(self, options: InvertOptions | None = None) -> None:
+            self.options = options or InvertOptions()
 
         def selects(self, series: SeriesInfo) -> Selection:
-            if series.modality != "MR":
-                return Selection(False, f"modality is {series.modality}, not MR")
+            if series.modality != self.options.modality:
+                return Selection(False, f"modality is {series.modality}, not {self.options.modality}")
             return Selection(True, "MR series")
 
         def models(self) -> list[ModelSpec]:
@@ -45,8 +59,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
-import numpy as np
-from pydicom import dcmread
+from pydantic import BaseModel, ConfigDict
+
+from gateway._pixels import Frame, Geometry, Instance
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -61,11 +76,13 @@ __all__ = [
     "InputError",
     "ModelSpec",
     "Pipeline",
+    "PipelineOptions",
     "PipelineUnavailable",
     "RunContext",
     "Selection",
     "Series",
     "SeriesInfo",
+    "derived_series_number",
 ]
 
 
@@ -87,6 +104,48 @@ class Selection(NamedTuple):
 
     matched: bool
     reason: str
+
+
+class PipelineOptions(BaseModel):
+    """Base of a pipeline's options: the ``[pipelines.<name>]`` table of the configuration.
+
+    Subclass it next to the pipeline (``options.py``) with one typed field per
+    option, each with a default and a ``description`` (the options reference,
+    ``docs/options.md``, is generated from them). Unknown keys and bad values
+    are refused when the configuration is checked and at start, naming the
+    file, the key and the reason; a pipeline never sees an option it did not
+    declare. ``enabled`` belongs to the gateway and is never passed on.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+#: Largest source Series Number that :func:`derived_series_number` keeps whole.
+_SERIES_BLOCK = 100_000
+
+
+def derived_series_number(source: object, offset: int) -> int:
+    """Series Number of a result series: the source's, times ten, plus ``offset`` (1 to 9).
+
+    Results sort next to their source in a viewer's series list (source 7 gives
+    71, 72, ... 79), and each result type of a pipeline keeps its own fixed
+    offset, so a rerun lands on the same number. Source numbers above 99,999
+    wrap so the result fits the IS value representation (at most 12 characters).
+
+    Parameters
+    ----------
+    source : object
+        The source's Series Number (0020,0011) as read: int, str, IS or None.
+    offset : int
+        The result type's digit, 1 to 9 (0 is left to the source's own numbering).
+    """
+    if not 1 <= offset <= 9:
+        raise ValueError(f"a result series offset is 1 to 9, got {offset}")
+    try:
+        number = int(str(source).strip() or 0) if source is not None else 0
+    except ValueError:
+        number = 0
+    return abs(number) % _SERIES_BLOCK * 10 + offset
 
 
 @dataclass(frozen=True)
@@ -114,158 +173,6 @@ class Identity:
     software_version: str
     device_serial_number: str
     institution_name: str | None = None
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Position of a 2D image plane in the patient coordinate system (PS3.3 C.7.6.2)."""
-
-    position: tuple[float, float, float]
-    orientation: tuple[float, float, float, float, float, float]
-    pixel_spacing: tuple[float, float]
-    slice_thickness: float | None
-
-    @property
-    def normal(self) -> np.ndarray:
-        """Unit normal of the plane (row direction x column direction)."""
-        o = np.asarray(self.orientation, dtype=float)
-        n = np.cross(o[:3], o[3:])
-        return n / (np.linalg.norm(n) or 1.0)
-
-    @property
-    def slice_location(self) -> float:
-        """Signed distance of the plane along its normal, for sorting slices."""
-        return float(np.dot(self.normal, np.asarray(self.position, dtype=float)))
-
-
-def _geometry(ds: Mapping[str, Any]) -> Geometry | None:
-    try:
-        pos = ds["ImagePositionPatient"]
-        ori = ds["ImageOrientationPatient"]
-        spacing = ds["PixelSpacing"]
-        if len(pos) != 3 or len(ori) != 6 or len(spacing) != 2:
-            return None
-        thickness = ds.get("SliceThickness")
-        return Geometry(
-            tuple(float(v) for v in pos),  # type: ignore[arg-type]
-            tuple(float(v) for v in ori),  # type: ignore[arg-type]
-            (float(spacing[0]), float(spacing[1])),
-            float(thickness) if thickness not in (None, "") else None,
-        )
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One 2D frame of an instance: pixels with the modality LUT applied, and where it lies.
-
-    ``group(name)`` returns a functional group macro of the frame (per-frame
-    first, then shared; PS3.3 C.7.6.16) of enhanced multi-frame images, and
-    None for classic images; ``header`` is the instance's data set.
-    """
-
-    index: int
-    pixels: np.ndarray
-    geometry: Geometry | None
-    group: Callable[[str], Dataset | None]
-    header: Dataset
-
-
-def _no_groups(name: str) -> Dataset | None:
-    return None
-
-
-def _group_lookup(item: Dataset, shared: Dataset | None) -> Callable[[str], Dataset | None]:
-    def group(name: str) -> Dataset | None:
-        for src in (item, shared):
-            if src is not None and name in src and src[name].value:
-                return src[name].value[0]  # type: ignore[no-any-return]
-        return None
-
-    return group
-
-
-def _frame_geometry(group: Callable[[str], Dataset | None]) -> Geometry | None:
-    pos, ori, meas = (group(n) for n in ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence"))
-    if pos is None or ori is None or meas is None:
-        return None
-    return _geometry(
-        {
-            "ImagePositionPatient": pos.get("ImagePositionPatient"),
-            "ImageOrientationPatient": ori.get("ImageOrientationPatient"),
-            "PixelSpacing": meas.get("PixelSpacing"),
-            "SliceThickness": meas.get("SliceThickness"),
-        }
-    )
-
-
-@dataclass(frozen=True)
-class Instance:
-    """One stored instance of a series: its file and the headers the index kept.
-
-    ``headers`` maps DICOM keywords (and ``ggggeeee`` hex tags for private
-    elements) to values; nested functional-group values of multi-frame images
-    are gathered as lists of distinct values.
-    """
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    path: Path
-    headers: Mapping[str, Any]
-
-    def dataset(self, pixels: bool = True) -> Dataset:
-        """Read the instance from disk (headers only when ``pixels`` is False)."""
-        return dcmread(self.path, stop_before_pixels=not pixels)
-
-    def pixel_array(self) -> np.ndarray:
-        """Stored pixels with the modality LUT (rescale slope and intercept) applied, as float32.
-
-        Shape is ``(rows, columns)``, ``(frames, rows, columns)`` or with a
-        trailing samples axis for colour images, as pydicom returns it.
-        """
-        ds = self.dataset()
-        arr = ds.pixel_array.astype(np.float32)
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        if slope != 1.0 or intercept != 0.0:
-            arr = arr * np.float32(slope) + np.float32(intercept)
-        return arr
-
-    @property
-    def geometry(self) -> Geometry | None:
-        """Plane geometry for single-frame cross-sectional images, else None."""
-        return _geometry(self.headers)
-
-    def frames(self) -> Iterator[Frame]:
-        """Every frame with its geometry, for classic and enhanced multi-frame images alike.
-
-        Pixels are float32 with rescale applied, ``(rows, columns)`` for
-        grayscale or ``(rows, columns, samples)`` for colour.
-        """
-        ds = self.dataset()
-        arr = ds.pixel_array.astype(np.float32)
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-        if per_frame:
-            shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None
-            n = int(ds.get("NumberOfFrames", 1) or 1)
-            frames = arr if n > 1 else arr[None]
-            for i, item in enumerate(per_frame):
-                group = _group_lookup(item, shared)
-                trans = group("PixelValueTransformationSequence")
-                s = float(trans.get("RescaleSlope", 1) or 1) if trans is not None else slope
-                b = float(trans.get("RescaleIntercept", 0) or 0) if trans is not None else intercept
-                yield Frame(i, frames[i] * np.float32(s) + np.float32(b), _frame_geometry(group), group, ds)
-            return
-        pixels = arr * np.float32(slope) + np.float32(intercept)
-        n = int(ds.get("NumberOfFrames", 1) or 1)
-        if n > 1:  # multi-frame without functional groups: no per-frame geometry
-            for i in range(n):
-                yield Frame(i, pixels[i], None, _no_groups, ds)
-        else:
-            yield Frame(0, pixels, self.geometry, _no_groups, ds)
 
 
 @dataclass(frozen=True)
@@ -365,8 +272,6 @@ class RunContext:
         This software's identity for Equipment modules.
     workdir : Path
         A folder private to this job; pipelines write nowhere else.
-    options : mapping
-        The ``[pipelines.<name>]`` table of the configuration.
     log : logging.Logger or LoggerAdapter
         Logger tagged with the job id. Never log patient data.
     progress : callable
@@ -387,7 +292,6 @@ class RunContext:
     uid: Callable[[str], str]
     identity: Identity
     workdir: Path
-    options: Mapping[str, Any] = field(default_factory=dict)
     log: logging.Logger | logging.LoggerAdapter[logging.Logger] = field(
         default_factory=lambda: logging.getLogger("gateway.pipeline")
     )
@@ -403,7 +307,12 @@ class RunContext:
 
 @runtime_checkable
 class Pipeline(Protocol):
-    """What a pipeline plugin implements."""
+    """What a pipeline plugin implements.
+
+    Its options, when it declares an ``options_model``, arrive in its factory
+    (``__init__``) already validated, so the selector and ``run`` read the
+    same typed values from the instance.
+    """
 
     name: str
 

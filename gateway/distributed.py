@@ -353,6 +353,8 @@ class WorkerNode:
         self.models = ModelRegistry(config.models.dir, config.models.providers)
         self.metrics.watch_models(self.models)
         self.plugins = discover(config, self.models)
+        if self.plugins.config_errors:
+            raise ConfigError("\n".join(self.plugins.config_errors))
         self.runner = JobRunner(
             config, self.index, self.data, self.models, self.plugins.available, self.metrics, __version__
         )

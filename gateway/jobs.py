@@ -214,7 +214,6 @@ class JobRunner:
                 uid=lambda key: derived_uid(*uid_parts, key),
                 identity=self.identity,
                 workdir=workdir,
-                options=self.config.pipeline_options(job.pipeline),
                 log=jlog,
                 progress=lambda f, m: jlog.debug("progress %.0f%% %s", 100 * f, m),
                 model_versions=model_versions,

@@ -33,6 +33,7 @@ __all__ = [
     "TimedSession",
     "choose_providers",
     "default_models_dir",
+    "open_session",
     "provider_label",
     "warmup_inputs",
 ]
@@ -269,6 +270,30 @@ def warmup_inputs(manifest: ModelManifest, batch: int = 1, size: int = 32) -> di
     return feeds
 
 
+def open_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None) -> Any:
+    """An ONNX Runtime session: the one place sessions are made, for the service and the lab alike.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The ``.onnx`` file.
+    providers : sequence of str
+        Execution providers in order of preference (the registry passes
+        :func:`choose_providers`' choice; benchmarks and training use the CPU).
+    threads : int, optional
+        Intra- and inter-op threads; None leaves ONNX Runtime's default (one
+        per core). Benchmarks fix it so figures are comparable between machines.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # keep provider fallback chatter out of service logs
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+
+
 class ModelRegistry:
     """The models directory: manifests, verification and shared sessions."""
 
@@ -354,11 +379,7 @@ class ModelRegistry:
         reason = self.verify(name)
         if reason is not None:
             raise ModelError(reason)
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # keep provider fallback chatter out of service logs
-        sess = ort.InferenceSession(str(self.path(name)), sess_options=opts, providers=self.providers)
+        sess = open_session(self.path(name), self.providers)
         log.info("model %s %s loaded on %s", name, self.get(name).version, sess.get_providers()[0])
         with self._lock:
             return self._sessions.setdefault(name, sess)

@@ -64,7 +64,7 @@ class Gateway:
             self.plugins.unavailable,
             default_quiet_seconds=config.completion.series_timeout_seconds,
         )
-        problems = self.router.check()
+        problems = self.plugins.config_errors + self.router.check()
         if problems:
             from gateway.config import ConfigError
 

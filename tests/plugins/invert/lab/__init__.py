@@ -1,0 +1,1 @@
+"""What never runs in the service: here only the model builder and the demo study."""
