@@ -1,18 +1,20 @@
-"""Storage SCP and Verification SCP: receive instances durably and bit-exact.
+"""Storage SCP and Verification SCP: the DIMSE transport of ingest.
 
 pynetdicom streams each C-STORE data set into a temporary file under
 ``<data_dir>/incoming`` while the P-DATA PDUs arrive
 (``STORE_RECV_CHUNKED_DATASET``), so a 1 GB slide is never held in memory.
-The handler then checks it, fsyncs it and renames it into the store, records
-it in the index, and only then answers success (PS3.4 B.2.3). Every failure
-maps to a specific status; nothing raised here can end the listener.
+The handler hands that file to :class:`gateway.ingest.Ingest`, which checks
+it, fsyncs it, renames it into the store and indexes it; success is answered
+only after that (PS3.4 B.2.3). What stays here is DIMSE's own: association
+policy (PS3.8 9.3.4), the status for each refusal reason
+(:data:`STATUS_FOR_REFUSAL`), per-association state and the release hint.
+Every failure maps to a specific status; nothing raised here can end the
+listener.
 """
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
-import json
 import logging
 import tempfile
 import threading
@@ -22,32 +24,48 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
-from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from gateway.completion import count_hint, is_slide, slide_pyramid_complete
 from gateway.config import GatewaySettings
-from gateway.headers import routing_headers
-from gateway.index import GroupCommitter, Index, InstanceRecord, Recorded, RecordOutcome
+from gateway.index import Index, RecordOutcome
+from gateway.ingest import (
+    STORAGE_SOP_CLASSES,
+    TRANSFER_SYNTAXES,
+    Ingest,
+    Received,
+    RefusalReason,
+    Refused,
+    Source,
+    Transport,
+)
 from gateway.metrics import Metrics
 from gateway.status import Rejection, RejectReason, StorageStatus
-from gateway.storage import DataDir, install_file, sha256_file
-from gateway.uids import InvalidUID, checked_uid
+from gateway.storage import DataDir
 
-__all__ = ["StorageSCP", "StoreRefused"]
+__all__ = ["STATUS_FOR_REFUSAL", "StorageSCP"]
 
 log = logging.getLogger(__name__)
 
 
-class StoreRefused(Exception):
-    """A C-STORE is refused with a specific status and a metric outcome."""
-
-    def __init__(self, status: StorageStatus, outcome: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.outcome = outcome
+#: The C-STORE status answered for each ingest refusal (PS3.4 B.2.3, PS3.7 9.1.1.1.9).
+#: Every :class:`~gateway.ingest.RefusalReason` has one; docs/conformance.md
+#: section 5.3 lists them.
+STATUS_FOR_REFUSAL: dict[RefusalReason, StorageStatus] = {
+    # 0xA7xx tells the sender to retry later or elsewhere (a transient refusal).
+    RefusalReason.INSTANCE_TOO_LARGE: StorageStatus.OUT_OF_RESOURCES,
+    RefusalReason.OUT_OF_RESOURCES: StorageStatus.OUT_OF_RESOURCES,
+    RefusalReason.CANNOT_UNDERSTAND: StorageStatus.CANNOT_DECODE,
+    # Negotiation accepts only storage SOP classes, and pynetdicom hands this
+    # handler only C-STOREs of one (uid_to_service_class): a backstop here.
+    RefusalReason.SOP_CLASS_NOT_SUPPORTED: StorageStatus.SOP_CLASS_NOT_SUPPORTED,
+    # Negotiation accepts only syntaxes ingest parses: a backstop here too.
+    RefusalReason.TRANSFER_SYNTAX_NOT_SUPPORTED: StorageStatus.CANNOT_DECODE,
+    # The data set's SOP Instance UID differs from the request's. 0xA900 is
+    # about the SOP class, which is not compared, so this stays "cannot understand".
+    RefusalReason.DATASET_MISMATCH: StorageStatus.CANNOT_DECODE,
+    RefusalReason.INTERNAL_ERROR: StorageStatus.UNEXPECTED_ERROR,
+}
 
 
 @dataclass
@@ -56,56 +74,28 @@ class _AssocState:
     series: set[str]
 
 
-class _UidLocks:
-    """Striped locks so two associations storing the same UID serialise."""
-
-    def __init__(self, stripes: int = 64) -> None:
-        self._locks = [threading.Lock() for _ in range(stripes)]
-
-    def __call__(self, key: str) -> threading.Lock:
-        return self._locks[int(hashlib.blake2s(key.encode(), digest_size=2).hexdigest(), 16) % len(self._locks)]
-
-
-def _pixel_data_complete(path: Path, offset: int, size: int, little_endian: bool) -> bool:
-    """Check the top-level Pixel Data element is whole (truncated uploads are refused).
-
-    ``offset`` is where header parsing stopped (the Pixel Data tag). For a
-    defined length the value must fit in the file; for encapsulated data the
-    item headers are walked by seeking (never reading fragment bodies) to the
-    sequence delimiter (PS3.5 A.4).
-    """
-    if not little_endian:
-        return True  # retired big endian: no structural check
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        head = fh.read(12)
-        if len(head) < 8 or head[:4] not in (b"\xe0\x7f\x10\x00",):
-            return True  # no top-level pixel data where expected: nothing to check
-        vr = head[4:6]
-        if vr in (b"OB", b"OW", b"OF", b"OD", b"OL", b"UN", b"OV"):
-            length = int.from_bytes(head[8:12], "little")
-            pos = offset + 12
-        else:  # implicit VR
-            length = int.from_bytes(head[4:8], "little")
-            pos = offset + 8
-        if length != 0xFFFFFFFF:
-            return pos + length <= size
-        while True:  # encapsulated: walk items to the sequence delimiter
-            fh.seek(pos)
-            item = fh.read(8)
-            if len(item) < 8:
-                return False
-            tag = item[:4]
-            ilen = int.from_bytes(item[4:8], "little")
-            if tag == b"\xfe\xff\xdd\xe0":
-                return True
-            if tag != b"\xfe\xff\x00\xe0" or pos + 8 + ilen > size:
-                return False
-            pos += 8 + ilen
-
-
 class StorageSCP:
-    """The DICOM listener: association policy, C-ECHO and C-STORE."""
+    """The DICOM listener: association policy, C-ECHO and C-STORE.
+
+    Parameters
+    ----------
+    settings : GatewaySettings
+        Listener address, AE title, allow-lists and limits.
+    data : DataDir
+        Its ``incoming`` folder receives the streamed data sets.
+    index : Index
+        For the association-release completion hint.
+    metrics : Metrics
+        Association counters; ingest counts the instances.
+    quiet_seconds, hint_quiet_seconds, reprocess_late
+        Passed to the :class:`~gateway.ingest.Ingest` this listener builds
+        and runs when ``ingest`` is not given; ignored otherwise.
+    release_quiet_seconds : float or None
+        How soon a series completes once the association that delivered it
+        is released; ``None`` for no release hint.
+    ingest : Ingest, optional
+        An ingest shared with other transports; its owner starts and stops it.
+    """
 
     def __init__(
         self,
@@ -113,21 +103,24 @@ class StorageSCP:
         data: DataDir,
         index: Index,
         metrics: Metrics,
-        quiet_seconds: Callable[[dict[str, Any], str], float],
-        release_quiet_seconds: float | None,
-        hint_quiet_seconds: float,
-        reprocess_late: bool,
+        quiet_seconds: Callable[[dict[str, Any], str], float] | None = None,
+        release_quiet_seconds: float | None = None,
+        hint_quiet_seconds: float = 1.0,
+        reprocess_late: bool = True,
+        *,
+        ingest: Ingest | None = None,
     ) -> None:
         self.settings = settings
         self.data = data
         self.index = index
         self.metrics = metrics
-        self._quiet_seconds = quiet_seconds
         self._release_quiet = release_quiet_seconds
-        self._hint_quiet = hint_quiet_seconds
-        self._reprocess_late = reprocess_late
-        self._locks = _UidLocks()
-        self._writer = GroupCommitter(index)
+        self._owns_ingest = ingest is None
+        if ingest is None:
+            if quiet_seconds is None:
+                raise TypeError("StorageSCP needs either ingest or quiet_seconds")
+            ingest = Ingest(settings, data, index, metrics, quiet_seconds, hint_quiet_seconds, reprocess_late)
+        self.ingest = ingest
         self._assocs: dict[int, _AssocState] = {}
         self._assoc_lock = threading.Lock()
         self._server: Any = None
@@ -154,8 +147,9 @@ class StorageSCP:
         ae.network_timeout = s.network_timeout_seconds
         ae.acse_timeout = s.network_timeout_seconds
         ae.dimse_timeout = s.network_timeout_seconds
-        for uid in _STORAGE_CLASSES.values():
-            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+        # Exactly what ingest understands, so nothing negotiated is refused later.
+        for uid in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES[:3])
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
@@ -166,7 +160,8 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._writer.start()
+        if self._owns_ingest:
+            self.ingest.start()
         self._server = ae.start_server((s.host, s.port), block=False, evt_handlers=handlers)
         self.port = int(self._server.server_address[1])
         log.info("DICOM listener %s on %s:%d", s.ae_title, s.host, self.port)
@@ -177,7 +172,8 @@ class StorageSCP:
             self._server.shutdown()
             self._server = None
             _config.STORE_RECV_CHUNKED_DATASET = self._saved_chunked
-            self._writer.stop()
+            if self._owns_ingest:
+                self.ingest.stop()
         if self._saved_tempdir is not None or tempfile.tempdir == str(self.data.incoming):
             tempfile.tempdir = self._saved_tempdir
 
@@ -262,135 +258,48 @@ class StorageSCP:
         return int(StorageStatus.SUCCESS)
 
     def _on_store(self, event: evt.Event) -> int:
+        """Hand the received file to ingest and answer its outcome as a C-STORE status.
+
+        Success only for :class:`~gateway.ingest.Stored`, that is once the
+        instance is fsynced and indexed (PS3.4 B.2.3); each refusal gets its
+        status from :data:`STATUS_FOR_REFUSAL`.
+        """
         tmp: Path | None = None
         try:
             tmp = Path(event.dataset_path)
-            outcome = self._store(event, tmp)
-            self.metrics.instances_received.labels(outcome=outcome.value).inc()
-            return int(StorageStatus.SUCCESS)
-        except StoreRefused as exc:
-            self.metrics.instances_received.labels(outcome=exc.outcome).inc()
-            log.warning("C-STORE refused with 0x%04X: %s", int(exc.status), exc)
-            return int(exc.status)
+            req: Any = event.request  # a C-STORE request primitive
+            received = Received(
+                path=tmp,
+                sop_class_uid=req.AffectedSOPClassUID,
+                sop_instance_uid=req.AffectedSOPInstanceUID,
+                transfer_syntax=event.context.transfer_syntax,
+            )
+            requestor = event.assoc.requestor
+            source = Source(Transport.DIMSE, (requestor.ae_title or "").strip(), str(requestor.address))
         except Exception:
             # PS3.7 C.4.2: a failure we did not foresee is still a failure status,
             # never a dropped association.
-            self.metrics.instances_received.labels(outcome="error").inc()
-            log.exception("C-STORE failed unexpectedly; answered 0x%04X", int(StorageStatus.UNEXPECTED_ERROR))
-            return int(StorageStatus.UNEXPECTED_ERROR)
-        finally:
-            if tmp is not None and tmp.exists():
+            if tmp is not None:
                 tmp.unlink(missing_ok=True)
-
-    def _store(self, event: evt.Event, tmp: Path) -> RecordOutcome:
-        s = self.settings
-        size = tmp.stat().st_size
-        if size > s.max_instance_bytes:
-            raise StoreRefused(
-                StorageStatus.OUT_OF_RESOURCES,
-                "refused_size",
-                f"instance of {size} bytes exceeds max_instance_bytes={s.max_instance_bytes}",
-            )
-        free = self.data.free_bytes()
-        if free < s.min_free_bytes:
-            raise StoreRefused(
-                StorageStatus.OUT_OF_RESOURCES,
-                "refused_space",
-                f"free space {free} bytes is under the watermark min_free_bytes={s.min_free_bytes}",
-            )
-        req: Any = event.request  # a C-STORE request primitive
-        try:
-            sop_uid = checked_uid(req.AffectedSOPInstanceUID, "AffectedSOPInstanceUID")
-            sop_class = checked_uid(req.AffectedSOPClassUID, "AffectedSOPClassUID")
-        except InvalidUID as exc:
-            raise StoreRefused(StorageStatus.CANNOT_DECODE, "invalid", str(exc)) from None
-
-        try:
-            with open(tmp, "rb") as fh:
-                ds = dcmread(fh, stop_before_pixels=True)
-                stop = fh.tell()
-            ts = ds.file_meta.TransferSyntaxUID
-        except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, TypeError, AttributeError) as exc:
-            raise StoreRefused(
-                StorageStatus.CANNOT_DECODE, "invalid", f"data set cannot be decoded ({type(exc).__name__})"
-            ) from None
-        except Exception as exc:  # pydicom raises a variety of errors on garbage
-            raise StoreRefused(
-                StorageStatus.CANNOT_DECODE, "invalid", f"data set cannot be decoded ({type(exc).__name__})"
-            ) from None
-        try:
-            study_uid = checked_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
-            series_uid = checked_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-            ds_sop = checked_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
-        except InvalidUID as exc:
-            raise StoreRefused(StorageStatus.CANNOT_DECODE, "invalid", str(exc)) from None
-        if ds_sop != sop_uid:
-            raise StoreRefused(
-                StorageStatus.CANNOT_DECODE,
-                "invalid",
-                "SOPInstanceUID in the data set differs from AffectedSOPInstanceUID in the request",
-            )
-        if not _pixel_data_complete(tmp, stop, size, little_endian=ts != "1.2.840.10008.1.2.2"):
-            raise StoreRefused(StorageStatus.CANNOT_DECODE, "invalid", "data set is truncated (pixel data incomplete)")
-
-        headers = routing_headers(ds)
-        calling_ae = (event.assoc.requestor.ae_title or "").strip()
-        now = time.time()
-        with self._locks(sop_uid):
-            digest = sha256_file(tmp)
-            existing = self.index.find_instance(sop_uid)
-            if existing is not None and existing.sha256 == digest:
-                # Idempotent: the same bytes again (a sender retry) are stored once.
-                return RecordOutcome.DUPLICATE
-            if existing is not None:
-                final = self.data.conflict_path(sop_uid, digest)
-                log.warning(
-                    "instance conflict: a different payload for a stored UID kept aside (sha256 %s...)", digest[:12]
-                )
+            self.metrics.instances_received.labels(outcome=RefusalReason.INTERNAL_ERROR.metric_outcome).inc()
+            status = STATUS_FOR_REFUSAL[RefusalReason.INTERNAL_ERROR]
+            log.exception("C-STORE failed unexpectedly; answered 0x%04X", int(status))
+            return int(status)
+        result = self.ingest.receive(received, source)
+        if isinstance(result, Refused):
+            status = STATUS_FOR_REFUSAL[result.reason]
+            if result.reason is RefusalReason.INTERNAL_ERROR:
+                log.error("C-STORE failed unexpectedly; answered 0x%04X", int(status))
             else:
-                final = self.data.instance_path(study_uid, series_uid, sop_uid)
-            install_file(tmp, final)
-            rec = InstanceRecord(
-                sop_instance_uid=sop_uid,
-                series_uid=series_uid,
-                study_uid=study_uid,
-                sop_class_uid=sop_class,
-                transfer_syntax=str(ts),
-                path=final,
-                size_bytes=size,
-                sha256=digest,
-                calling_ae=calling_ae,
-                modality=str(ds.get("Modality", "") or ""),
-                headers=headers,
-                expected_instances=count_hint(headers, sop_class),
-            )
-            recorded = self._writer.record(
-                rec,
-                now=now,
-                quiet_seconds=self._quiet_seconds(headers, calling_ae),
-                reprocess_late=self._reprocess_late,
-            )
-        if recorded.outcome == RecordOutcome.STORED:
-            self.metrics.bytes_received.inc(size)
-            self.metrics.last_received.set(now)
-            self._after_store(event, series_uid, sop_class, recorded)
-        return recorded.outcome
-
-    def _after_store(self, event: evt.Event, series_uid: str, sop_class: str, recorded: Recorded) -> None:
-        with self._assoc_lock:
-            st = self._assocs.get(id(event.assoc))
-            if st is not None:
-                st.series.add(series_uid)
-        try:
-            expected = recorded.expected_instances
-            whole = bool(expected and recorded.instance_count >= expected)
-            if not whole and is_slide(sop_class):
-                insts = self.index.series_instances(series_uid)
-                whole = slide_pyramid_complete([_json(i.headers) for i in insts])
-            if whole:
-                self.index.hint_complete([series_uid], now=time.time(), within=self._hint_quiet, cause="hint")
-        except Exception:
-            log.exception("completion hint check failed (the timer still applies)")
+                log.warning("C-STORE refused with 0x%04X: %s", int(status), result.detail)
+            return int(status)
+        if result.outcome == RecordOutcome.STORED:
+            # The series this association delivered, for the release hint.
+            with self._assoc_lock:
+                st = self._assocs.get(id(event.assoc))
+                if st is not None:
+                    st.series.add(result.series_uid)
+        return int(StorageStatus.SUCCESS)
 
 
 def _calling_ae(assoc: Any) -> str:
@@ -424,8 +333,4 @@ def _prefer_requestor_order(assoc: Any) -> None:
         new.scu_role, new.scp_role = cx.scu_role, cx.scp_role
         contexts.append(new)
     assoc.acceptor.supported_contexts = contexts
-
-
-def _json(text: str) -> dict[str, Any]:
-    return dict(json.loads(text))
 

@@ -20,6 +20,7 @@ from gateway import __version__
 from gateway.completion import Completer
 from gateway.config import Config, LatePolicy
 from gateway.index import Index, JobState, SendState
+from gateway.ingest import Ingest
 from gateway.jobs import JobRunner, LocalExecutor
 from gateway.metrics import Metrics, MetricsServer
 from gateway.models import ModelRegistry
@@ -69,17 +70,25 @@ class Gateway:
             from gateway.config import ConfigError
 
             raise ConfigError("\n".join(problems))
-        self.scp = StorageSCP(
+        # One ingest for every transport (DESIGN invariant 6); each listener maps its refusals.
+        self.ingest = Ingest(
             config.gateway,
             self.data,
             self.index,
             self.metrics,
             quiet_seconds=self.router.quiet_seconds,
+            hint_quiet_seconds=config.completion.hint_quiet_seconds,
+            reprocess_late=config.completion.late_instances == LatePolicy.REPROCESS,
+        )
+        self.scp = StorageSCP(
+            config.gateway,
+            self.data,
+            self.index,
+            self.metrics,
             release_quiet_seconds=(
                 config.completion.release_quiet_seconds if config.completion.release_hint else None
             ),
-            hint_quiet_seconds=config.completion.hint_quiet_seconds,
-            reprocess_late=config.completion.late_instances == LatePolicy.REPROCESS,
+            ingest=self.ingest,
         )
         dest_names = [d.name for d in config.destinations]
         self.completer = Completer(self.index, self.router, config.completion, self.metrics, dest_names)
@@ -138,6 +147,7 @@ class Gateway:
         self.executor.start()
         self.sender.start()
         self.completer.start()
+        self.ingest.start()
         with _naming_address(self.config.gateway.host, self.config.gateway.port):
             self.scp.start()
         log.info(
@@ -155,6 +165,7 @@ class Gateway:
         self._stopped.set()
         log.info("stopping")
         self.scp.stop()
+        self.ingest.stop()  # after every transport: none is receiving any more
         self.completer.stop()
         self.executor.stop(wait=True)
         self.sender.stop()

@@ -24,6 +24,8 @@ class StorageStatus(IntEnum):
     CANNOT_UNDERSTAND = 0xC000
     #: Processing failure (PS3.7 C.4.2): invalid header / UID.
     PROCESSING_FAILURE = 0x0110
+    #: Refused: SOP class not supported (PS3.7 9.1.1.1.9, C.5.x).
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
     #: Failure: cannot understand, used for undecodable data sets (0xC210-class).
     CANNOT_DECODE = 0xC210
     #: Failure: unexpected error in our own handler (pynetdicom's convention).
