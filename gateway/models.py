@@ -270,7 +270,9 @@ def warmup_inputs(manifest: ModelManifest, batch: int = 1, size: int = 32) -> di
     return feeds
 
 
-def open_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None) -> Any:
+def open_session(
+    path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None
+) -> Any:
     """An ONNX Runtime session: the one place sessions are made, for the service and the lab alike.
 
     Parameters

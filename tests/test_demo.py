@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset, dcmread
 
+from gateway.apps.demo import MARKER, run_demo
+from gateway.apps.viewer import image_stats
 from gateway.contract import ModelSpec, RunContext, Selection, Series, SeriesInfo
-from gateway.demo import MARKER, run_demo
-from gateway.viewer import image_stats
 
 
 class FailingPipeline:
@@ -68,7 +68,7 @@ def _config(tmp_path: Path, plugin: str, models_dir: Path | None = None) -> Path
 def test_demo_sends_series_and_reports_results(tmp_path: Path, models_dir: Path) -> None:
     out = tmp_path / "demo"
     report = tmp_path / "report.html"
-    cfg = _config(tmp_path, "tests.plugins.invert:factory", models_dir)
+    cfg = _config(tmp_path, "tests.plugins.invert:InvertPipeline", models_dir)
 
     t0 = time.monotonic()
     assert run_demo(out, report, timeout=60, config_path=cfg) == 0

@@ -85,14 +85,16 @@ def test_config_check_refuses_bad_built_in_options_and_accepts_good_ones(tmp_pat
 
 
 def test_tables_for_pipelines_that_do_not_exist(tmp_path: Path, models_dir: Path) -> None:
-    plugins = _discover(tmp_path, "[pipelines.ivm]\nmethod = 'net'\n[pipelines.not-installed]\nenabled = false\n", models_dir)
+    text = "[pipelines.ivm]\nmethod = 'net'\n[pipelines.not-installed]\nenabled = false\n"
+    plugins = _discover(tmp_path, text, models_dir)
     errors = plugins.config_errors  # type: ignore[attr-defined]
     # A misspelt name with options is an error; switching off something absent is harmless.
     assert len(errors) == 1 and errors[0].startswith(f"{tmp_path / 'aigw.toml'}: pipelines.ivm: no such pipeline")
 
 
 def test_service_refuses_to_start_with_bad_options(tmp_path: Path) -> None:
-    cfg = _write(tmp_path, f'[gateway]\ndata_dir = "{tmp_path / "data"}"\nport = 0\n[pipelines.ivim]\nmin_bvalues = 0\n')
+    data = tmp_path / "data"
+    cfg = _write(tmp_path, f'[gateway]\ndata_dir = "{data}"\nport = 0\n[pipelines.ivim]\nmin_bvalues = 0\n')
     r = _cli("serve", "--config", str(cfg))
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "pipelines.ivim.min_bvalues" in r.stderr and "Traceback" not in r.stderr

@@ -13,7 +13,8 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from gateway.viewer import OhifServer, Orthanc, Screenshot, Viewer, ViewerMode, _pyramid_conflict, image_stats
+from gateway.apps.viewer import OhifServer, Orthanc, Screenshot, Viewer, ViewerMode, image_stats
+from gateway.apps.viewer.modes import _pyramid_conflict
 from tests.conftest import http_get, mr_series
 
 
