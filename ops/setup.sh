@@ -17,7 +17,7 @@ if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
 #   (tests/validators.py compiles a small driver, so a JDK, not just a JRE)
 # tesseract-ocr: the viewer tests read the report's probability off the screenshot
 # orthanc-dicomweb, chromium, fonts-dejavu-core: the viewer harness
-#   (gateway/viewer.py: OHIF over Orthanc's DICOMweb in headless Chromium;
+#   (gateway/apps/viewer/: OHIF over Orthanc's DICOMweb in headless Chromium;
 #   DejaVu for OHIF's overlay text and the harness's own pictures)
 echo "== apt packages" >&2
 $SUDO apt-get update -qq
@@ -27,6 +27,15 @@ DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recomme
     tesseract-ocr tesseract-ocr-eng >/dev/null
 # The Debian package starts a system Orthanc on 4242/8042; the tests run their
 # own instances on free ports and do not need it.
+if [ "${1:-}" = "test" ]; then
+    # postgresql, rabbitmq-server: the shared index and the wake-up broker of the
+    # scale-out tests. tests/services.py starts a throw-away server of each
+    # (initdb + pg_ctl from /usr/lib/postgresql/<version>/bin, a rabbitmq-server
+    # node with its own epmd) on free loopback ports in a temp folder. The system
+    # services the packages may start at install (5432, 5672) are not used.
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        postgresql rabbitmq-server >/dev/null
+fi
 
 # OHIF, prebuilt: the dist/ folder of the @ohif/app package (`npm install` of it
 # does not resolve; its tarball has the built viewer). npm pack checks the

@@ -14,16 +14,20 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from pydicom import Dataset
 
 # Orthanc lives with the viewer harness; the tests keep importing it from here.
-from gateway.viewer import Orthanc, Viewer, free_port
+from gateway.apps.viewer import Orthanc, Viewer, free_port
+from tests.services import ExternalServer, PostgresServer, RabbitMQServer, Server, ServiceError
+
+if TYPE_CHECKING:
+    from gateway.index import Index  # for the annotation; GatewayProcess.index() imports it when called
 
 REPO = Path(__file__).resolve().parent.parent
-PLUGIN = "tests.plugins.invert:factory"
+PLUGIN = "tests.plugins.invert:InvertPipeline"
 
 
 # DCMTK leaves Nagle's algorithm on unless told; without this every DIMSE
@@ -197,7 +201,7 @@ timeout_seconds = 10
                 out[key] = float(value)
         return out
 
-    def index(self) -> Any:
+    def index(self) -> Index:
         from gateway.index import Index
 
         return Index(f"sqlite:///{self.data_dir / 'index.sqlite'}")
@@ -205,7 +209,7 @@ timeout_seconds = 10
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.plugins.invert import build_model
+    from tests.plugins.invert.lab.model import build_model
 
     folder = tmp_path_factory.mktemp("models")
     build_model(folder)
@@ -232,6 +236,72 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
         yield harness
     finally:
         harness.stop()
+
+
+def _own_server(factory: Callable[[], PostgresServer | RabbitMQServer]) -> Iterator[Server]:
+    try:
+        server = factory().start()
+    except ServiceError as e:  # a missing binary: the message names the setup command
+        pytest.fail(str(e))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Server]:
+    """A throw-away PostgreSQL for the session (tests/services.py; about 1 s to start).
+
+    ``AIGW_TEST_PG_URL`` (a ``postgresql+psycopg://`` URL of a database that a
+    superuser may connect to) uses that server instead.
+    """
+    external = os.environ.get("AIGW_TEST_PG_URL")
+    if external:
+        yield ExternalServer(external)
+    else:
+        yield from _own_server(PostgresServer)
+
+
+@pytest.fixture
+def pg_url(pg_server: Server) -> Iterator[str]:
+    """A fresh database on ``pg_server`` for one test, dropped afterwards (its SQLAlchemy URL)."""
+    import uuid
+
+    import psycopg
+
+    dsn = pg_server.url.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        admin = psycopg.connect(dsn, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        where = " (AIGW_TEST_PG_URL)" if isinstance(pg_server, ExternalServer) else ""
+        pytest.fail(f"no PostgreSQL server at {pg_server.url}{where}: {exc}")
+    name = f"aigw_test_{uuid.uuid4().hex[:12]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield pg_server.url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[Server]:
+    """A throw-away RabbitMQ node for the session (tests/services.py), started when a test
+    first needs it: about 4-7 s on a 2-core machine. ``AIGW_TEST_BROKER_URL`` uses that
+    broker instead."""
+    external = os.environ.get("AIGW_TEST_BROKER_URL")
+    if not external:
+        yield from _own_server(RabbitMQServer)
+        return
+    from kombu import Connection
+
+    try:
+        with Connection(external, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1, timeout=5)
+    except Exception as exc:
+        pytest.fail(f"no RabbitMQ broker at AIGW_TEST_BROKER_URL={external}: {type(exc).__name__}: {exc}")
+    yield ExternalServer(external)
 
 
 @pytest.fixture

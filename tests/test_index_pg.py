@@ -1,16 +1,13 @@
 """The index on a real PostgreSQL server (the multi-node configuration).
 
-Uses the server on localhost (AIGW_TEST_PG_URL, default: trust auth as
-postgres); a fresh database per test, dropped afterwards. The test fails,
-rather than skips, when no server answers.
+The server is the session's throw-away one (``pg_server`` in conftest.py,
+or ``AIGW_TEST_PG_URL``); a fresh database per test, dropped afterwards.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,28 +15,14 @@ import pytest
 
 from gateway.index import Index, InstanceRecord, JobState, RecordOutcome
 
-BASE = os.environ.get("AIGW_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-
 
 @pytest.fixture
-def pg_index() -> Iterator[Index]:
-    psycopg = pytest.importorskip("psycopg")
-    dsn = BASE.replace("postgresql+psycopg://", "postgresql://")
-    try:
-        admin = psycopg.connect(dsn, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        # A real server is part of the test environment (CI machines run one);
-        # failing here keeps a missing server from passing as a skipped test.
-        pytest.fail(f"no PostgreSQL server at {BASE} (set AIGW_TEST_PG_URL): {exc}")
-    name = f"aigw_test_{uuid.uuid4().hex[:12]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    idx = Index(BASE.rsplit("/", 1)[0] + f"/{name}")
+def pg_index(pg_url: str) -> Iterator[Index]:
+    idx = Index(pg_url)
     try:
         yield idx
     finally:
         idx.close()
-        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def _rec(sop: str, series: str = "1.2.3", sha: str = "a" * 64) -> InstanceRecord:

@@ -6,17 +6,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import GatewayProcess, mr_series, storescu, wait_for
+from gateway.index import JobRow
+from tests.conftest import GatewayProcess, Orthanc, mr_series, storescu, wait_for
 
 pytestmark = pytest.mark.peers
 
 
-def jobs(gw: GatewayProcess) -> list[Any]:
+def jobs(gw: GatewayProcess) -> list[JobRow]:
     idx = gw.index()
     try:
         return list(reversed(idx.list_jobs()))
@@ -118,14 +118,16 @@ def test_input_error_fails_once_and_manual_retry(make_gateway: Callable[..., Gat
 
 
 def test_unrouted_series_counted_and_forwarded(
-    make_gateway: Callable[..., GatewayProcess], tmp_path: Path, orthanc: Any
+    make_gateway: Callable[..., GatewayProcess], tmp_path: Path, orthanc: Orthanc
 ) -> None:
     gw = make_gateway(destinations=[f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"], start=False)
     gw.config.write_text(gw.config.read_text().replace("[completion]\n", '[completion]\nunrouted = "forward"\n'))
     gw.start()
     from pydicom.data import get_testdata_file
 
-    ct = Path(get_testdata_file("CT_small.dcm"))  # the test pipeline only takes MR
+    ct_file = get_testdata_file("CT_small.dcm")  # the test pipeline only takes MR
+    assert isinstance(ct_file, str), "pydicom's test file CT_small.dcm is missing"
+    ct = Path(ct_file)
     assert storescu(gw.port, [ct], extra=["-xe"]).returncode == 0
     wait_for(lambda: orthanc.instance_uids(), 30, "the original forwarded to PACS")
     assert gw.metrics()["aigw_series_unrouted_total"] == 1

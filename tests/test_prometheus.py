@@ -8,6 +8,7 @@ import subprocess
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,14 +34,14 @@ def test_prometheus_scrapes_gateway_metrics(tmp_path: Path, make_gateway: Callab
         stderr=open(tmp_path / "prometheus.log", "wb"),
     )
 
-    def query(expr: str) -> list[dict[str, object]]:
+    def query(expr: str) -> list[dict[str, Any]]:  # Prometheus's JSON
         code, body = http_get(f"http://127.0.0.1:{port}/api/v1/query?query={urllib.parse.quote(expr)}")
         return list(json.loads(body)["data"]["result"]) if code == 200 else []
 
     try:
         wait_for(lambda: query('up{job="aigw"} == 1'), 60, "Prometheus to scrape the gateway")
         stored = wait_for(lambda: query('aigw_instances_received_total{outcome="stored"} == 2'), 30, "ingest metric")
-        assert stored[0]["metric"]["outcome"] == "stored"  # type: ignore[index]
+        assert stored[0]["metric"]["outcome"] == "stored"
         assert wait_for(lambda: query('aigw_jobs_total{pipeline="test-invert",outcome="succeeded"} == 1'), 30, "job")
         for name in ("aigw_build_info", "aigw_data_dir_free_bytes", "aigw_deadletter_size", "aigw_jobs_queued",
                      "aigw_job_duration_seconds_bucket", "aigw_pipeline_available"):
@@ -50,7 +51,7 @@ def test_prometheus_scrapes_gateway_metrics(tmp_path: Path, make_gateway: Callab
         names = json.loads(body)["data"]
         for n in (x for x in names if x.startswith("aigw_")):
             for series in query(n):
-                for value in series["metric"].values():  # type: ignore[union-attr]
+                for value in series["metric"].values():
                     assert not str(value).startswith(("1.2.", "2.25.")), (n, value)
     finally:
         proc.terminate()
@@ -80,15 +81,15 @@ def test_prometheus_loads_alert_rules(tmp_path: Path, make_gateway: Callable[...
         stderr=open(tmp_path / "prometheus.log", "wb"),
     )
 
-    def api(path: str) -> dict[str, object]:
+    def api(path: str) -> dict[str, Any]:  # Prometheus's JSON
         code, body = http_get(f"http://127.0.0.1:{port}/api/v1/{path}")
         return dict(json.loads(body)["data"]) if code == 200 else {}
 
     def query(expr: str) -> object:
         return api("query?query=" + urllib.parse.quote(expr)).get("result")
 
-    def rules() -> list[dict[str, object]]:
-        return [r for g in api("rules").get("groups", []) for r in g["rules"]]  # type: ignore[attr-defined]
+    def rules() -> list[dict[str, Any]]:
+        return [r for g in api("rules").get("groups", []) for r in g["rules"]]
 
     try:
         wait_for(lambda: query('up{job="aigw"} == 1'), 60, "Prometheus to scrape the gateway")

@@ -4,7 +4,8 @@ processes, RabbitMQ as the wake-up channel, PostgreSQL as the shared index, Orth
 Covers a worker killed with SIGKILL mid-job (the job is taken up by the other
 worker, results reach PACS once), lost and duplicated wake-up messages, and
 the configuration checks of the mode. Every test gets a fresh PostgreSQL
-database and its own queue names; a missing server fails the test.
+database and its own queue names on the session's throw-away PostgreSQL and
+RabbitMQ (conftest.py, tests/services.py); a missing binary fails the test.
 """
 
 from __future__ import annotations
@@ -24,31 +25,11 @@ import pytest
 from gateway.config import ConfigError, load_config
 from gateway.index import Index
 from tests.conftest import REPO, GatewayProcess, Orthanc, free_port, http_get, mr_series, storescu, wait_for
+from tests.services import Server
 
 pytestmark = pytest.mark.peers
 
-BROKER = os.environ.get("AIGW_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
-PG_BASE = os.environ.get("AIGW_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 LEASE = 5  # seconds: the smallest the schema allows, so a killed worker's job comes back fast
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for one test, dropped afterwards."""
-    import psycopg
-
-    dsn = PG_BASE.replace("postgresql+psycopg://", "postgresql://")
-    try:
-        admin = psycopg.connect(dsn, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"no PostgreSQL server at {PG_BASE} (set AIGW_TEST_PG_URL): {exc}")
-    name = f"aigw_test_{uuid.uuid4().hex[:12]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield PG_BASE.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        admin.close()
 
 
 class Broker:
@@ -91,15 +72,9 @@ class Broker:
 
 
 @pytest.fixture
-def broker() -> Iterator[Broker]:
-    from kombu import Connection
-
-    try:
-        with Connection(BROKER, connect_timeout=5) as conn:
-            conn.ensure_connection(max_retries=1, timeout=5)
-    except Exception as exc:
-        pytest.fail(f"no RabbitMQ broker at {BROKER} (set AIGW_TEST_BROKER_URL): {type(exc).__name__}: {exc}")
-    b = Broker(BROKER)
+def broker(rabbitmq: Server) -> Iterator[Broker]:
+    """This test's queues on the session's RabbitMQ (``rabbitmq`` in conftest.py)."""
+    b = Broker(rabbitmq.url)
     try:
         yield b
     finally:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
-from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]  # made at import
 
 #: The gateway's default ``gateway.max_pdu_bytes``.
 MAX_PDU = 262_144
