@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict
 
 from gateway._pixels import Frame, Geometry, Instance
+from gateway.uids import derived_uid
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -83,6 +84,7 @@ __all__ = [
     "Series",
     "SeriesInfo",
     "derived_series_number",
+    "derived_uid",
 ]
 
 

@@ -226,5 +226,6 @@ def options_reference(extra: Iterable[str] = ()) -> str:
         for key, info in model.model_fields.items():
             default = "required" if info.is_required() else f"`{info.get_default()!r}`"
             meaning = (info.description or "").replace("|", "\\|").replace("\n", " ")
-            out.append(f"| `{key}` | `{_type_name(info.annotation)}` | {default} | {meaning} |")
+            kind = _type_name(info.annotation).replace("|", "\\|")
+            out.append(f"| `{key}` | `{kind}` | {default} | {meaning} |")
     return "\n".join(out) + "\n"

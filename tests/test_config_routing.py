@@ -188,7 +188,7 @@ def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str
 def test_cli_config_check_and_route_explain(tmp_path: Path, models_dir: Path) -> None:
     cfg = write(
         tmp_path,
-        f'plugins = ["tests.plugins.invert:factory"]\n[models]\ndir = "{models_dir}"\n'
+        f'plugins = ["tests.plugins.invert:InvertPipeline"]\n[models]\ndir = "{models_dir}"\n'
         '[[routes]]\nname = "t1-only"\npipeline = "test-invert"\n'
         'conditions = [{keyword = "SeriesDescription", regex = "T1"}]\n',
     )
@@ -213,11 +213,11 @@ def test_cli_config_check_and_route_explain(tmp_path: Path, models_dir: Path) ->
 
 
 def test_models_verify_refuses_tampered_model_and_plugin_is_unavailable(tmp_path: Path) -> None:
-    from tests.plugins.invert import build_model
+    from tests.plugins.invert.lab.model import build_model
 
     folder = tmp_path / "models"
     path = build_model(folder)
-    cfg = write(tmp_path, f'plugins = ["tests.plugins.invert:factory", "no_such_module:thing"]\n'
+    cfg = write(tmp_path, f'plugins = ["tests.plugins.invert:InvertPipeline", "no_such_module:thing"]\n'
                           f'[models]\ndir = "{folder}"\n')
     r = _cli("models", "verify", "--config", str(cfg))
     assert r.returncode == 0 and "test-invert: OK" in r.stdout

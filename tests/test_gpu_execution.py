@@ -284,7 +284,7 @@ def test_run_context_without_batch_sizes_uses_the_default() -> None:
 
 
 def test_ivim_net_estimator_takes_the_batch_size(registry: ModelRegistry) -> None:
-    from pipelines.ivim.fit import select_method
+    from pipelines.ivim.infer import select_method
 
     estimator = select_method("net", registry.session("ivim-net"), batch=1000)
     assert estimator.batch == 1000  # type: ignore[attr-defined]

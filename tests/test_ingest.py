@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, _config
-from pynetdicom.sop_class import MRImageStorage
 
 from gateway.status import StorageStatus
 from tests.conftest import GatewayProcess, free_port, mr_series, need, storescu, wait_for
@@ -65,6 +64,13 @@ _PROPOSE = {
 }
 
 
+
+def _testdata(name: str) -> Path:
+    """A file of pydicom's test data by name (pydicom-data is a test dependency)."""
+    path = get_testdata_file(name)
+    assert isinstance(path, str), name
+    return Path(path)
+
 def dataset_bytes(path: Path) -> bytes:
     """The bytes after the File Meta Information group (what travels on the wire)."""
     raw = path.read_bytes()
@@ -108,7 +114,7 @@ def _port_open(port: int) -> bool:
 def test_real_world_files_are_stored_bit_exact(gateway: GatewayProcess, reference_scp: tuple[int, Path]) -> None:
     ref_port, ref_dir = reference_scp
     for name in REAL_FILES:
-        src = Path(get_testdata_file(name))
+        src = _testdata(name)
         ds = dcmread(src, stop_before_pixels=True)
         ts = str(ds.file_meta.TransferSyntaxUID)
         extra = ["-R", *_PROPOSE[ts]]
@@ -183,7 +189,7 @@ def _with_payload(tmp_path: Path, name: str, payload: bytes, sop_uid: str) -> Pa
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     path = tmp_path / name
     with open(path, "wb") as fh:
@@ -244,7 +250,7 @@ def test_oversize_instance_refused_out_of_resources(
     tmp_path: Path, make_gateway: Callable[..., GatewayProcess]
 ) -> None:
     gw = make_gateway(gateway={"max_instance_bytes": 20_000})
-    big = Path(get_testdata_file("CT_small.dcm"))  # 39 kB
+    big = _testdata("CT_small.dcm")  # 39 kB
     assert _send_raw(gw.port, big) == StorageStatus.OUT_OF_RESOURCES
     (small,) = mr_series(tmp_path / "s", n=1, seed=41)
     assert storescu(gw.port, [small]).returncode == 0
@@ -270,7 +276,7 @@ def test_too_many_associations_rejected_transient(make_gateway: Callable[..., Ga
     assert first.is_established
     try:
         second = ae.associate("127.0.0.1", gw.port, ae_title="AIGW")
-        assert second.is_rejected
+        assert second.is_rejected and second.acceptor.primitive is not None
         assert second.acceptor.primitive.result == 0x02  # rejected-transient
     finally:
         first.release()

@@ -1,7 +1,7 @@
 """Held-out checks of the exported IVIM network and the least-squares baselines.
 
 The voxels are simulated afresh from a seed that no training run used
-(:data:`pipelines.ivim.signal.MODEL_TEST_SEED`), with numpy and onnxruntime
+(:data:`pipelines.ivim.lab.signal.MODEL_TEST_SEED`), with numpy and onnxruntime
 only: no torch.
 """
 
@@ -13,17 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.ivim.bench import abs_spearman, nrmse, sha256_file
-from pipelines.ivim.fit import (
+from pipelines._lab import cpu_session, sha256_file
+from pipelines.ivim.infer import (
     LSQ_BOUNDS,
     FullLsqEstimator,
-    IvimMethod,
     IvimNetEstimator,
     SegmentedLsqEstimator,
-    make_session,
     select_method,
 )
-from pipelines.ivim.signal import (
+from pipelines.ivim.lab.bench import abs_spearman, nrmse
+from pipelines.ivim.lab.signal import (
     MODEL_TEST_SEED,
     SETTING_A_BVALUES,
     TEST_RANGES,
@@ -33,6 +32,7 @@ from pipelines.ivim.signal import (
     sample_parameters,
     simulate_protocol,
 )
+from pipelines.ivim.options import IvimMethod
 
 MODELS = Path(__file__).resolve().parents[1] / "exported_models"
 ONNX_PATH = MODELS / "ivim-net.onnx"
@@ -54,7 +54,7 @@ def manifest() -> dict:
 
 @pytest.fixture(scope="module")
 def net() -> IvimNetEstimator:
-    return IvimNetEstimator(make_session(ONNX_PATH, threads=1))
+    return IvimNetEstimator(cpu_session(ONNX_PATH, threads=1))
 
 
 def test_manifest_sha256_matches_model(manifest: dict) -> None:
@@ -129,7 +129,7 @@ def test_lsq_recovers_noiseless_parameters() -> None:
     np.testing.assert_allclose(seg.s0, s0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", [IvimMethod.LSQ_SEGMENTED, IvimMethod.LSQ_FULL])
+@pytest.mark.parametrize("method", ["lsq-segmented", "lsq-full"])
 def test_lsq_respects_bounds(method: IvimMethod) -> None:
     rng = np.random.default_rng([MODEL_TEST_SEED, 3])
     wide = ParamRanges(d=(0.0, 4e-3), f=(0.0, 1.0), dstar=(0.0, 0.5))
@@ -146,7 +146,7 @@ def test_lsq_respects_bounds(method: IvimMethod) -> None:
 def test_select_method() -> None:
     assert isinstance(select_method("lsq-segmented"), SegmentedLsqEstimator)
     assert isinstance(select_method("lsq-full"), FullLsqEstimator)
-    assert isinstance(select_method("net", make_session(ONNX_PATH)), IvimNetEstimator)
+    assert isinstance(select_method("net", cpu_session(ONNX_PATH)), IvimNetEstimator)
     with pytest.raises(ValueError, match="needs an onnxruntime session"):
         select_method("net")
     with pytest.raises(ValueError, match="unknown IVIM method"):

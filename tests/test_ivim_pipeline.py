@@ -1,4 +1,4 @@
-"""The IVIM pipeline: b-value discovery, trace/slice assembly, DICOM outputs, end to end."""
+"""The IVIM pipeline: options, b-value discovery, trace/slice assembly, DICOM outputs, end to end."""
 
 from __future__ import annotations
 
@@ -10,16 +10,18 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from pydicom import Dataset, dcmread
 
 from gateway.contract import Geometry, Identity, InputError, Instance, RunContext, Series
 from gateway.headers import routing_headers
 from gateway.uids import derived_uid
 from pipelines._derived import DerivedImage, derived_mr_image
-from pipelines.ivim.fit import make_session
+from pipelines._lab import cpu_session
+from pipelines.ivim.lab.synthetic import TISSUES, make_dwi_study
+from pipelines.ivim.options import IvimMethod, IvimOptions
 from pipelines.ivim.pipeline import IvimPipeline
 from pipelines.ivim.preprocess import load_dwi
-from pipelines.ivim.synthetic import TISSUES, make_dwi_study
 from tests.conftest import REPO, GatewayProcess, Orthanc, need, storescu, wait_for
 
 MODEL_PATH = REPO / "exported_models" / "ivim-net.onnx"
@@ -33,15 +35,66 @@ def as_series(paths: list[Path]) -> Series:
     return Series(str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), "MR", "SCANNER", insts)
 
 
-def context(method: str = "net", **options: object) -> RunContext:
+def context() -> RunContext:
     return RunContext(
-        sessions={"ivim-net": make_session(MODEL_PATH)},
+        sessions={"ivim-net": cpu_session(MODEL_PATH)},
         uid=lambda key: derived_uid("test-ivim", key),
         identity=Identity("aigw tests", "aigw", "0.0-test", "TEST-1"),
         workdir=Path("."),
-        options={"method": method, **options},
         model_versions={"ivim-net": "test"},
     )
+
+
+def test_options_default_to_the_documented_values() -> None:
+    options = IvimPipeline().options
+    assert options == IvimOptions(method="net", derived_series=True, mask_fraction=0.08, min_bvalues=4)
+    assert IvimOptions.model_validate({"method": "lsq-full"}).method == "lsq-full"
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        {"method": "bayes"},
+        {"mask_fraction": -0.1},
+        {"mask_fraction": 1.5},
+        {"min_bvalues": 3},
+        {"min_bvalues": "many"},
+        {"derived_series": "sometimes"},
+    ],
+)
+def test_bad_option_values_are_refused(table: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        IvimOptions.model_validate(table)
+
+
+def test_unknown_option_is_refused() -> None:
+    with pytest.raises(ValidationError, match="extra"):
+        IvimOptions.model_validate({"methods": "net"})
+    with pytest.raises(ValidationError):
+        IvimOptions(min_b_values=5)  # type: ignore[call-arg]
+
+
+def test_min_bvalues_option_changes_what_the_selector_takes(tmp_path: Path) -> None:
+    series = as_series(make_dwi_study(tmp_path, seed=2, size=16, slices=1).paths)  # 9 b-values
+    assert IvimPipeline().selects(series).matched
+    assert IvimPipeline(IvimOptions(min_bvalues=9)).selects(series).matched
+    sel = IvimPipeline(IvimOptions(min_bvalues=10)).selects(series)
+    assert not sel.matched and "at least 10" in sel.reason
+
+
+def test_derived_series_and_mask_fraction_options_change_what_run_sends(tmp_path: Path) -> None:
+    series = as_series(make_dwi_study(tmp_path, seed=7, size=24, slices=2).paths)
+    full = IvimPipeline(IvimOptions(method="lsq-segmented")).run(series, context())
+    maps_only = IvimPipeline(IvimOptions(method="lsq-segmented", derived_series=False)).run(series, context())
+    assert len(full) == 4 + 4 * 2 and len(maps_only) == 4
+    assert {ds.SOPClassUID for ds in maps_only} == {PM_SOP_CLASS}
+    assert all("lsq-segmented" in ds.SeriesDescription for ds in full)
+
+    def fitted(out: list[Dataset]) -> int:
+        return sum(int(np.count_nonzero(ds.pixel_array)) for ds in out if ds.SOPClassUID == PM_SOP_CLASS)
+
+    strict = IvimPipeline(IvimOptions(method="lsq-segmented", mask_fraction=0.9, derived_series=False))
+    assert 0 < fitted(strict.run(series, context())) < fitted(maps_only)
 
 
 @pytest.mark.parametrize("vendor", ["standard", "siemens", "ge", "philips"])
@@ -224,10 +277,10 @@ def _derived_image_like(ds: Dataset) -> DerivedImage:
 
 
 @pytest.mark.parametrize("method", ["net", "lsq-segmented"])
-def test_maps_are_accurate_valid_and_reference_their_sources(tmp_path: Path, method: str) -> None:
+def test_maps_are_accurate_valid_and_reference_their_sources(tmp_path: Path, method: IvimMethod) -> None:
     study = make_dwi_study(tmp_path / "in", seed=6, size=64, slices=3, snr=60)
     series = as_series(study.paths)
-    out = IvimPipeline().run(series, context(method))
+    out = IvimPipeline(IvimOptions(method=method)).run(series, context())
     pms = [ds for ds in out if ds.SOPClassUID == PM_SOP_CLASS]
     assert len(pms) == 4, "one Parametric Map per parameter"
     assert len({ds.SeriesInstanceUID for ds in out}) == 8

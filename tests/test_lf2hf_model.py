@@ -2,7 +2,7 @@
 
 The slices are simulated afresh from the held-out slab with a seed that no
 training run and no benchmark used
-(:data:`pipelines.lf2hf.simulator.TEST_SEED`): per field strength, three
+(:data:`pipelines.lf2hf.lab.simulator.TEST_SEED`): per field strength, three
 T1-weighted and three T2-weighted slices.
 """
 
@@ -21,7 +21,9 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("nilearn")  # the MNI152 templates ship inside its wheel
 pytest.importorskip("scipy")
 
-from pipelines.lf2hf.bench import (  # noqa: E402
+from pipelines._lab import cpu_session, sha256_file  # noqa: E402
+from pipelines.lf2hf.infer import degrade, enhance  # noqa: E402
+from pipelines.lf2hf.lab.bench import (  # noqa: E402
     BENCH_FIELDS,
     BLOB_AMPLITUDE,
     TEST_SLICES_T1W,
@@ -30,12 +32,10 @@ from pipelines.lf2hf.bench import (  # noqa: E402
     bicubic,
     blob_centre,
     heldout_pairs,
-    sha256_file,
 )
-from pipelines.lf2hf.infer import degrade, enhance, make_session  # noqa: E402
-from pipelines.lf2hf.metrics import psnr_masked, ssim_masked  # noqa: E402
+from pipelines.lf2hf.lab.metrics import psnr_masked, ssim_masked  # noqa: E402
+from pipelines.lf2hf.lab.simulator import HELDOUT_SLICES, TEST_SEED, SlicePair  # noqa: E402
 from pipelines.lf2hf.preprocess import normalisation_scale  # noqa: E402
-from pipelines.lf2hf.simulator import HELDOUT_SLICES, TEST_SEED, SlicePair  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "exported_models"
@@ -53,7 +53,7 @@ def manifest() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def session() -> Any:
-    return make_session(ONNX_PATH, threads=1)
+    return cpu_session(ONNX_PATH, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_manifest_matches_model(manifest: dict[str, Any]) -> None:
     assert ONNX_PATH.stat().st_size < 3 * 1024 * 1024
     assert [i["name"] for i in manifest["inputs"]] == ["image", "cond"]
     assert [o["name"] for o in manifest["outputs"]] == ["image_2x"]
-    assert manifest["training"]["data_generator"] == "pipelines.lf2hf.simulator"
+    assert manifest["training"]["data_generator"] == "pipelines.lf2hf.lab.simulator"
     assert manifest["training"]["seed"] not in (TEST_SEED,)
     assert set(manifest["thresholds"]) == {f"{f:g}T" for f in BENCH_FIELDS}
 
@@ -141,13 +141,16 @@ def test_enhance_any_matrix_size(session: Any, heldout: dict[float, tuple[list[S
 def test_inference_needs_no_torch() -> None:
     code = (
         "import sys, numpy as np\n"
-        "from pipelines.lf2hf.infer import enhance, make_session, degrade\n"
-        f"s = make_session({str(ONNX_PATH)!r})\n"
+        "from pipelines._lab import cpu_session\n"
+        "from pipelines.lf2hf.infer import enhance, degrade\n"
+        f"s = cpu_session({str(ONNX_PATH)!r})\n"
         "x = np.random.default_rng(0).rayleigh(1.0, (2, 40, 44)).astype(np.float32)\n"
         "x[:, 10:30, 10:34] += 20\n"
         "y = enhance(s, x, 0.1, 'T2w')\n"
         "degrade(y, 0.1, x)\n"
         "assert y.shape == (2, 80, 88)\n"
         "assert 'torch' not in sys.modules and 'scipy' not in sys.modules, 'inference imported torch or scipy'\n"
+        "import pipelines.lf2hf.pipeline\n"
+        "assert not [m for m in sys.modules if m.startswith('pipelines.lf2hf.lab')], 'the runtime imported the lab'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)

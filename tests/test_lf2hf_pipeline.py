@@ -1,4 +1,4 @@
-"""The lf2hf pipeline: selection, derived series geometry and validity, bad input, end to end."""
+"""The lf2hf pipeline: selection, options, derived series geometry and validity, bad input, end to end."""
 
 from __future__ import annotations
 
@@ -7,28 +7,38 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from pydicom import dcmread
 
-from gateway.contract import Identity, InputError, RunContext
+from gateway.contract import Identity, InputError, Instance, RunContext, Series
+from gateway.headers import routing_headers
 from gateway.uids import derived_uid
-from pipelines.lf2hf.infer import make_session
+from pipelines._lab import cpu_session
+from pipelines.lf2hf.lab.synthetic import write_lowfield_series
+from pipelines.lf2hf.options import Lf2hfOptions
 from pipelines.lf2hf.pipeline import Lf2hfPipeline
-from pipelines.lf2hf.synthetic import write_lowfield_series
 from tests.conftest import REPO, GatewayProcess, Orthanc, storescu, wait_for
-from tests.test_ivim_pipeline import as_series
 from tests.validators import dciodvfy
 
 MODEL_PATH = REPO / "exported_models" / "lf2hf-net.onnx"
 
 
-def context(**options: object) -> tuple[RunContext, list[tuple[str, int]]]:
+def as_series(paths: list[Path]) -> Series:
+    """The series the gateway would assemble from ``paths`` (headers indexed as on arrival)."""
+    insts = []
+    for p in paths:
+        ds = dcmread(p, stop_before_pixels=True)
+        insts.append(Instance(str(ds.SOPInstanceUID), str(ds.SOPClassUID), p, routing_headers(ds)))
+    return Series(str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), "MR", "SCANNER", insts)
+
+
+def context() -> tuple[RunContext, list[tuple[str, int]]]:
     flags: list[tuple[str, int]] = []
     ctx = RunContext(
-        sessions={"lf2hf-net": make_session(MODEL_PATH)},
+        sessions={"lf2hf-net": cpu_session(MODEL_PATH)},
         uid=lambda key: derived_uid("test-lf2hf", key),
         identity=Identity("aigw tests", "aigw", "0.0-test", "TEST-1"),
         workdir=Path("."),
-        options=options,
         model_versions={"lf2hf-net": "test"},
         flag=lambda kind, n: flags.append((kind, n)),
     )
@@ -96,8 +106,8 @@ def test_bad_input(lowfield: list[Path], tmp_path: Path) -> None:
     ds.save_as(nofield)
     with pytest.raises(InputError, match="MagneticFieldStrength"):
         pipe.run(as_series([nofield]), ctx)
-    ctx_assume, _ = context(assume_field_t=0.064)
-    assert len(pipe.run(as_series([nofield]), ctx_assume)) == 1
+    assumed = Lf2hfPipeline(Lf2hfOptions(assume_field_t=0.064)).run(as_series([nofield]), ctx)
+    assert len(assumed) == 1 and "0.064 T" in assumed[0].DerivationDescription
     # Colour images: a clear failure.
     rgb = dcmread(lowfield[0])
     rgb.SamplesPerPixel, rgb.PhotometricInterpretation, rgb.PlanarConfiguration = 3, "RGB", 0
@@ -107,6 +117,39 @@ def test_bad_input(lowfield: list[Path], tmp_path: Path) -> None:
     rgb.save_as(colour)
     with pytest.raises(InputError, match="colour"):
         pipe.run(as_series([colour]), ctx)
+
+
+def test_max_field_t_moves_the_selector(lowfield: list[Path]) -> None:
+    series = as_series(lowfield)  # 0.064 T
+    assert Lf2hfPipeline(Lf2hfOptions(max_field_t=0.1)).selects(series).matched
+    sel = Lf2hfPipeline(Lf2hfOptions(max_field_t=0.05)).selects(series)
+    assert not sel.matched and "not below 0.05 T" in sel.reason
+
+
+def test_contrast_option_overrides_the_guess(lowfield: list[Path]) -> None:
+    ctx, _ = context()
+    series = as_series(lowfield[:1])  # "AX T1W SE": auto reads T1w
+    auto = Lf2hfPipeline().run(series, ctx)[0]
+    told = Lf2hfPipeline(Lf2hfOptions(contrast="T2w")).run(series, ctx)[0]
+    assert "T1w input" in auto.DerivationDescription and "T2w input" in told.DerivationDescription
+    # The weighting is part of the network's conditioning, so the pixels change too.
+    assert not np.array_equal(auto.pixel_array, told.pixel_array)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_field_t": 0.0},
+        {"max_field_t": 3.0},
+        {"assume_field_t": 0.001},
+        {"assume_field_t": "strong"},
+        {"contrast": "PD"},
+        {"field_t": 0.064},  # unknown key (a misspelt assume_field_t)
+    ],
+)
+def test_bad_options_are_refused(options: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        Lf2hfOptions(**options)  # type: ignore[arg-type]
 
 
 @pytest.mark.peers

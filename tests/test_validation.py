@@ -48,9 +48,7 @@ def _series(paths: Sequence[Path]) -> Series:
     return Series(str(first.SeriesInstanceUID), str(first.StudyInstanceUID), str(first.Modality), "SCANNER", insts)
 
 
-def _run(
-    pipeline: Pipeline, inputs: Sequence[Path], folder: Path, make_session: Callable[[Path], Any], **options: object
-) -> list[Path]:
+def _run(pipeline: Pipeline, inputs: Sequence[Path], folder: Path, make_session: Callable[[Path], Any]) -> list[Path]:
     """Run ``pipeline`` on the input series and write every dataset it returns into ``folder``."""
     series = _series(inputs)
     selection = pipeline.selects(series)
@@ -61,7 +59,6 @@ def _run(
         uid=lambda key: derived_uid(f"test-validation-{pipeline.name}", key),
         identity=IDENTITY,
         workdir=folder / "work",
-        options=options,
         model_versions={m.name: "test" for m in models},
     )
     ctx.workdir.mkdir(parents=True)
@@ -84,36 +81,37 @@ def pixelmed() -> Iterator[PixelMed]:
 
 @pytest.fixture(scope="module")
 def ivim_outputs(pixelmed: PixelMed, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    from pipelines.ivim.fit import make_session
+    from pipelines._lab import cpu_session
+    from pipelines.ivim.lab.synthetic import make_dwi_study
+    from pipelines.ivim.options import IvimOptions
     from pipelines.ivim.pipeline import IvimPipeline
-    from pipelines.ivim.synthetic import make_dwi_study
 
     folder = tmp_path_factory.mktemp("ivim")
     study = make_dwi_study(folder / "in", seed=6, size=32, slices=2)
-    return _run(IvimPipeline(), study.paths, folder, make_session, method="net")
+    return _run(IvimPipeline(IvimOptions(method="net")), study.paths, folder, cpu_session)
 
 
 @pytest.fixture(scope="module")
 def lf2hf_outputs(pixelmed: PixelMed, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    from pipelines.lf2hf.infer import make_session
+    from pipelines._lab import cpu_session
+    from pipelines.lf2hf.lab.synthetic import write_lowfield_series
     from pipelines.lf2hf.pipeline import Lf2hfPipeline
-    from pipelines.lf2hf.synthetic import write_lowfield_series
 
     folder = tmp_path_factory.mktemp("lf2hf")
     inputs = write_lowfield_series(folder / "in", seed=11, matrix=(48, 40), slices=(80, 90))
-    return _run(Lf2hfPipeline(), inputs, folder, make_session)
+    return _run(Lf2hfPipeline(), inputs, folder, cpu_session)
 
 
 @pytest.fixture(scope="module")
 def wsimil_outputs(pixelmed: PixelMed, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    from pipelines.wsimil.infer import make_session
+    from pipelines._lab import cpu_session
+    from pipelines.wsimil.lab.scene import SlideScene
+    from pipelines.wsimil.lab.wsi import write_slide
     from pipelines.wsimil.pipeline import WsiMilPipeline
-    from pipelines.wsimil.scene import SlideScene
-    from pipelines.wsimil.wsi import write_slide
 
     folder = tmp_path_factory.mktemp("wsimil")
     files = write_slide(SlideScene(5, 1600.0, 1200.0, tumour=True), folder / "in", base_mpp=1.0, tile=256)
-    return _run(WsiMilPipeline(), files.paths, folder, make_session)
+    return _run(WsiMilPipeline(), files.paths, folder, cpu_session)
 
 
 def _report(name: str, paths: list[Path], pixelmed: PixelMed) -> Report:

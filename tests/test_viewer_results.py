@@ -2,7 +2,7 @@
 
 The pipelines run on small synthetic studies; inputs and outputs go into the
 viewer's Orthanc, and each result series is opened in OHIF (or, for the types
-OHIF 3.13 cannot show, in the harness's fallback, see :mod:`gateway.viewer`).
+OHIF 3.13 cannot show, in the harness's fallback, see :mod:`gateway.apps.viewer`).
 The assertions are on the rendered pixels of the screenshots: not blank, not
 saturated, a spread of grey levels; the segmentation's overlay where the
 tumour is; the report's probability readable by OCR from the picture.
@@ -20,15 +20,16 @@ import pytest
 from PIL import Image
 from pydicom import Dataset, dcmread
 
-from gateway.viewer import Screenshot, Viewer, ViewerMode
+from gateway.apps.viewer import Screenshot, Viewer, ViewerMode
+from pipelines._lab import cpu_session
+from pipelines.ivim.lab.synthetic import make_dwi_study
 from pipelines.ivim.pipeline import IvimPipeline
-from pipelines.ivim.synthetic import make_dwi_study
+from pipelines.lf2hf.lab.synthetic import write_lowfield_series
 from pipelines.lf2hf.pipeline import Lf2hfPipeline
-from pipelines.lf2hf.synthetic import write_lowfield_series
-from pipelines.wsimil.infer import make_session
-from pipelines.wsimil.pipeline import ENCODER, HEAD, WsiMilPipeline
-from pipelines.wsimil.scene import SlideScene
-from pipelines.wsimil.wsi import SlideFiles
+from pipelines.wsimil.infer import ENCODER, HEAD
+from pipelines.wsimil.lab.scene import SlideScene
+from pipelines.wsimil.lab.wsi import SlideFiles
+from pipelines.wsimil.pipeline import WsiMilPipeline
 from tests.conftest import REPO, need, save_all
 from tests.test_ivim_pipeline import as_series
 from tests.test_ivim_pipeline import context as ivim_context
@@ -79,7 +80,7 @@ def wsi_shown(
     viewer: Viewer, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[SlideScene, SlideFiles, dict[str, Shown], Screenshot]:
     root = tmp_path_factory.mktemp("wsi-shown")
-    sessions = {name: make_session(REPO / "exported_models" / f"{name}.onnx") for name in (ENCODER, HEAD)}
+    sessions = {name: cpu_session(REPO / "exported_models" / f"{name}.onnx", threads=None) for name in (ENCODER, HEAD)}
     scene, files = slide(root / "in", seed=7)
     ctx, _ = wsi_context(sessions)
     outputs = save_all(WsiMilPipeline().run(as_series(files.paths), ctx), root / "out")

@@ -1,7 +1,7 @@
 """Held-out checks of the exported tumour MIL models (onnxruntime on the CPU, no torch).
 
 Forty slides are generated afresh from the model-test seed range
-(:data:`pipelines.wsimil.evaluate.TEST_BASE`), which no training run, the
+(:data:`pipelines.wsimil.lab.evaluate.TEST_BASE`), which no training run, the
 manifest's held-out evaluation and the benchmark do not use, and must meet
 the thresholds written in the head's manifest and the model card.
 """
@@ -22,10 +22,10 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("scipy")  # the slide generator
 
 from gateway.models import ModelManifest  # noqa: E402
-from pipelines.wsimil.evaluate import (  # noqa: E402
+from pipelines._lab import cpu_session  # noqa: E402
+from pipelines.wsimil.infer import ENCODER, HEAD, embed, mil_head  # noqa: E402
+from pipelines.wsimil.lab.evaluate import (  # noqa: E402
     BENCH_BASE,
-    ENCODER_NAME,
-    HEAD_NAME,
     HELDOUT_BASE,
     TEST_BASE,
     THRESHOLDS,
@@ -36,13 +36,12 @@ from pipelines.wsimil.evaluate import (  # noqa: E402
     score_slides,
     summarise,
 )
-from pipelines.wsimil.infer import embed, make_session, mil_head  # noqa: E402
-from pipelines.wsimil.metrics import slide_tiles  # noqa: E402
+from pipelines.wsimil.lab.metrics import slide_tiles  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "exported_models"
-ENCODER_PATH = MODELS / f"{ENCODER_NAME}.onnx"
-HEAD_PATH = MODELS / f"{HEAD_NAME}.onnx"
+ENCODER_PATH = MODELS / f"{ENCODER}.onnx"
+HEAD_PATH = MODELS / f"{HEAD}.onnx"
 CARD_PATH = MODELS / "wsi-mil.md"
 TEST_SLIDES = 40
 
@@ -53,17 +52,17 @@ def _sha256(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def manifests() -> dict[str, dict[str, Any]]:
-    return {name: json.loads((MODELS / f"{name}.json").read_text()) for name in (ENCODER_NAME, HEAD_NAME)}
+    return {name: json.loads((MODELS / f"{name}.json").read_text()) for name in (ENCODER, HEAD)}
 
 
 @pytest.fixture(scope="module")
 def encoder() -> Any:
-    return make_session(ENCODER_PATH, threads=1)
+    return cpu_session(ENCODER_PATH, threads=1)
 
 
 @pytest.fixture(scope="module")
 def head() -> Any:
-    return make_session(HEAD_PATH, threads=1)
+    return cpu_session(HEAD_PATH, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +76,7 @@ def test_seed_ranges_are_disjoint() -> None:
     assert all(b2 - b1 >= 1_000_000 for b1, b2 in zip(bases, bases[1:]))
 
 
-@pytest.mark.parametrize("name", [ENCODER_NAME, HEAD_NAME])
+@pytest.mark.parametrize("name", [ENCODER, HEAD])
 def test_manifest_matches_model(name: str, manifests: dict[str, dict[str, Any]]) -> None:
     m = manifests[name]
     ModelManifest.model_validate(m)  # what the gateway's registry accepts
@@ -85,22 +84,22 @@ def test_manifest_matches_model(name: str, manifests: dict[str, dict[str, Any]])
     assert m["name"] == name and m["file"] == f"{name}.onnx"
     assert m["sha256"] == _sha256(path)
     assert path.stat().st_size < 1024 * 1024
-    assert m["training"]["data_generator"] == "pipelines.wsimil.scene"
+    assert m["training"]["data_generator"] == "pipelines.wsimil.lab.scene"
     assert m["training"]["seed"] in TRAIN_SEEDS
     assert m["preprocessing"]["mpp"] == 2.0 and m["preprocessing"]["tile_px"] == 32
 
 
 def test_manifests_describe_the_graphs(manifests: dict[str, dict[str, Any]], encoder: Any, head: Any) -> None:
-    for m, sess in ((manifests[ENCODER_NAME], encoder), (manifests[HEAD_NAME], head)):
+    for m, sess in ((manifests[ENCODER], encoder), (manifests[HEAD], head)):
         assert [i["name"] for i in m["inputs"]] == [i.name for i in sess.get_inputs()]
         assert [o["name"] for o in m["outputs"]] == [o.name for o in sess.get_outputs()]
-    dim = manifests[ENCODER_NAME]["outputs"][0]["shape"][1]
-    assert manifests[HEAD_NAME]["inputs"][0]["shape"] == ["N", dim]
+    dim = manifests[ENCODER]["outputs"][0]["shape"][1]
+    assert manifests[HEAD]["inputs"][0]["shape"] == ["N", dim]
 
 
 def test_card_states_the_thresholds_and_hashes(manifests: dict[str, dict[str, Any]]) -> None:
     card = CARD_PATH.read_text()
-    assert manifests[HEAD_NAME]["thresholds"] == THRESHOLDS
+    assert manifests[HEAD]["thresholds"] == THRESHOLDS
     for key, bound in THRESHOLDS.items():
         assert f"| `{key}` | {bound} |" in card
     for m in manifests.values():
@@ -112,7 +111,7 @@ def test_meets_manifest_thresholds(manifests: dict[str, dict[str, Any]], outcome
     summary = summarise(outcomes)
     assert summary["slides"] == TEST_SLIDES
     assert summary["positive_slides"] >= TEST_SLIDES // 3 and summary["negative_slides"] >= TEST_SLIDES // 3
-    failed = check_thresholds(summary, manifests[HEAD_NAME]["thresholds"])
+    failed = check_thresholds(summary, manifests[HEAD]["thresholds"])
     assert not failed, f"{failed}; all figures: {summary}"
 
 
@@ -148,9 +147,10 @@ def test_embedding_does_not_depend_on_batching(encoder: Any) -> None:
 def test_inference_needs_no_torch() -> None:
     code = (
         "import sys, numpy as np\n"
-        "from pipelines.wsimil.infer import embed, make_session, mil_head\n"
-        f"e = make_session({str(ENCODER_PATH)!r}, threads=1)\n"
-        f"h = make_session({str(HEAD_PATH)!r}, threads=1)\n"
+        "from gateway.models import open_session\n"  # how the service makes its sessions
+        "from pipelines.wsimil.infer import embed, mil_head\n"
+        f"e = open_session({str(ENCODER_PATH)!r}, threads=1)\n"
+        f"h = open_session({str(HEAD_PATH)!r}, threads=1)\n"
         "t = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)\n"
         "r = mil_head(h, embed(e, t))\n"
         "assert r.attention.shape == (3,)\n"

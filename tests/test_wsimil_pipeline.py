@@ -1,7 +1,10 @@
-"""The wsi-mil pipeline: selection, SEG and SR validity and geometry, pyramid variants, bad input, end to end."""
+"""The wsi-mil pipeline: selection, options, SEG and SR validity and geometry, pyramid variants, bad input, e2e."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -9,16 +12,19 @@ from typing import Any, cast
 import highdicom as hd
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from pydicom import dcmread
 
 from gateway.contract import Identity, InputError, Instance, RunContext, Series
 from gateway.headers import routing_headers
 from gateway.uids import derived_uid
-from pipelines.wsimil.infer import make_session
-from pipelines.wsimil.pipeline import ENCODER, HEAD, WsiMilPipeline
-from pipelines.wsimil.scene import SlideScene
-from pipelines.wsimil.tiles import MODEL_MPP, TILE_PX
-from pipelines.wsimil.wsi import SlideFiles, write_slide
+from pipelines._lab import cpu_session
+from pipelines.wsimil.infer import ENCODER, HEAD
+from pipelines.wsimil.lab.scene import SlideScene
+from pipelines.wsimil.lab.wsi import SlideFiles, write_slide
+from pipelines.wsimil.options import WsiMilOptions
+from pipelines.wsimil.pipeline import WsiMilPipeline
+from pipelines.wsimil.preprocess import MODEL_MPP, TILE_PX
 from tests.conftest import REPO, GatewayProcess, Orthanc, storescu, wait_for
 from tests.validators import dciodvfy
 
@@ -38,17 +44,16 @@ def as_series(paths: list[Path]) -> Series:
 
 @pytest.fixture(scope="module")
 def sessions() -> dict[str, object]:
-    return {name: make_session(MODELS / f"{name}.onnx") for name in (ENCODER, HEAD)}
+    return {name: cpu_session(MODELS / f"{name}.onnx", threads=None) for name in (ENCODER, HEAD)}
 
 
-def context(sessions: dict[str, object], **options: object) -> tuple[RunContext, list[tuple[str, int]]]:
+def context(sessions: dict[str, object]) -> tuple[RunContext, list[tuple[str, int]]]:
     flags: list[tuple[str, int]] = []
     ctx = RunContext(
         sessions=sessions,  # type: ignore[arg-type]
         uid=lambda key: derived_uid("test-wsi-mil", key),
         identity=Identity("aigw tests", "aigw", "0.0-test", "TEST-1"),
         workdir=Path("."),
-        options=options,
         model_versions={ENCODER: "test", HEAD: "test"},
         flag=lambda kind, n: flags.append((kind, n)),
     )
@@ -191,6 +196,82 @@ def test_single_level_and_missing_level_slides_give_a_sensible_result(
         assert ((got >= 0.5) == (ref >= 0.5)).mean() > 0.9, name
 
 
+def report_values(sr: hd.sr.Comprehensive3DSR) -> dict[str, Any]:
+    """Numeric values and the presence verdict of the report, by concept name."""
+    found: dict[str, Any] = {}
+
+    def walk(items: Any) -> None:
+        for item in items:
+            name = item.ConceptNameCodeSequence[0].CodeMeaning
+            if "MeasuredValueSequence" in item:
+                found[name] = float(item.MeasuredValueSequence[0].NumericValue)
+            elif "ConceptCodeSequence" in item:
+                found.setdefault(name, item.ConceptCodeSequence[0].CodeMeaning)
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return found
+
+
+def test_thresholds_change_the_report(
+    positive: tuple[SlideScene, SlideFiles], sessions: dict[str, object], tmp_path: Path
+) -> None:
+    # A negative slide called positive by a slide threshold of 0; its probability says the default would not.
+    _, negative = slide(tmp_path, seed=8, tumour=False)
+    ctx, _ = context(sessions)
+    _, sr = split(WsiMilPipeline(WsiMilOptions(slide_threshold=0.0)).run(as_series(negative.paths), ctx))
+    got = report_values(sr)
+    assert got["Probability of cancer"] < WsiMilOptions().slide_threshold
+    assert got["Presence of property"] == "Present"
+
+    # A stricter tile threshold counts fewer tiles in the tumour area; the map itself is the same.
+    ctx, _ = context(sessions)
+    seg, sr = split(WsiMilPipeline(WsiMilOptions(tile_threshold=0.99)).run(as_series(positive[1].paths), ctx))
+    prob = seg_map(seg)
+    tile_mm2 = (TILE_PX * MODEL_MPP / 1000) ** 2
+    area = report_values(sr)["Area"]
+    assert area < np.count_nonzero(prob >= 0.5) * tile_mm2
+    # the SEG keeps probabilities in 1/255 steps: the area is that of the tiles at or above 0.99, give or take a step
+    lo, hi = np.count_nonzero(prob >= 0.99 + 1 / 255), np.count_nonzero(prob >= 0.99 - 1 / 255)
+    assert lo * tile_mm2 - 1e-4 <= area <= hi * tile_mm2 + 1e-4
+
+
+def test_defaults_are_those_the_model_was_evaluated_with() -> None:
+    head = json.loads((MODELS / f"{HEAD}.json").read_text())
+    opts = WsiMilOptions()
+    assert head["preprocessing"]["slide_threshold"] == opts.slide_threshold
+    assert head["preprocessing"]["tile_threshold"] == opts.tile_threshold
+    assert WsiMilPipeline().options == opts
+
+
+def test_the_service_never_imports_the_lab() -> None:
+    # what a job imports: the plugin, its writers and a run's lazy imports; the lab only for the demo hooks
+    code = (
+        "import sys\n"
+        "import pipelines.wsimil.pipeline, pipelines.wsimil.dicom\n"
+        "lab = sorted(m for m in sys.modules if m.startswith('pipelines.wsimil.lab'))\n"
+        "assert not lab, lab\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"slide_threshold": 1.5},
+        {"tile_threshold": -0.1},
+        {"max_unreadable_fraction": 2},
+        {"tile_threshold": float("nan")},
+        {"slide_threshold": "high"},
+        {"threshold": 0.5},  # unknown key (a typo of a real one is refused, not ignored)
+    ],
+)
+def test_bad_options_are_refused(options: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        WsiMilOptions.model_validate(options)
+
+
 def test_no_tissue_is_a_clear_failure(sessions: dict[str, object], tmp_path: Path) -> None:
     scene = SlideScene(3, *SIZE_UM, tissue=False)
     files = write_slide(scene, tmp_path, base_mpp=1.0, tile=256)
@@ -220,8 +301,8 @@ def _corrupt_frames(path: Path, which: Callable[[int, int], bool]) -> int:
 def test_corrupt_tiles_are_left_out_or_fail_the_job(sessions: dict[str, object], tmp_path: Path) -> None:
     _, files = slide(tmp_path / "one", seed=6)
     assert _corrupt_frames(files.levels[1].path, lambda k, n: k == n // 2) == 1  # a frame inside the tissue
-    ctx, flags = context(sessions, max_unreadable_fraction=0.5)
-    split(WsiMilPipeline().run(as_series(files.paths), ctx))
+    ctx, flags = context(sessions)
+    split(WsiMilPipeline(WsiMilOptions(max_unreadable_fraction=0.5)).run(as_series(files.paths), ctx))
     assert flags and flags[0][0] == "unreadable_tile" and flags[0][1] > 0
     _, files = slide(tmp_path / "all", seed=6)
     assert _corrupt_frames(files.levels[1].path, lambda k, n: True) > 1

@@ -23,10 +23,10 @@ import pytest
 from wsidicom import WsiDicom
 from wsidicom.errors import WsiDicomNotFoundError
 
-import pipelines.wsimil.wsi as wsi
-from pipelines.wsimil.scene import SlideScene
-from pipelines.wsimil.tiles import SATURATION_THRESHOLD, saturation
-from pipelines.wsimil.wsi import LevelInfo, SlideFiles, write_slide
+import pipelines.wsimil.lab.wsi as wsi
+from pipelines.wsimil.lab.scene import SlideScene
+from pipelines.wsimil.lab.wsi import LevelInfo, SlideFiles, write_slide
+from pipelines.wsimil.preprocess import SATURATION_THRESHOLD, saturation
 from tests.validators import dciodvfy
 
 SEED, WIDTH_UM, HEIGHT_UM, BASE_MPP, TILE = 7, 1200, 900, 1.0, 128

@@ -71,7 +71,7 @@ from _peers import (  # noqa: E402
     vm_kib,
 )
 
-import pipelines.wsimil.wsi as wsi  # noqa: E402
+import pipelines.wsimil.lab.wsi as wsi  # noqa: E402
 
 TILE = 512
 FRAME_BYTES = TILE * TILE * 3

@@ -51,7 +51,7 @@ Run it from the repository root with the virtualenv's Python::
     .venv/bin/python ops/bench/gpu.py --models wsi-mil-encoder --providers cpu --threads 1
 
 Figures for a whole job (reading DICOM, pre-processing, writing results) come
-from each pipeline's own benchmark (``python -m pipelines.<name>.bench``).
+from each pipeline's own benchmark (``python -m pipelines.<name>.lab.bench``).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import numpy as np
 from highdicom.sr import CodeContentItem, TextContentItem
 from pydicom import Dataset
 
-from gateway.contract import RunContext
+from gateway.contract import RunContext, derived_series_number
 from pipelines._derived import DerivedImage, RealWorldScale, derived_mr_image
 from pipelines._uids import pin_dimension_organization
 from pipelines.ivim.preprocess import DwiVolume
@@ -160,11 +160,6 @@ def _unique(datasets: Sequence[Dataset]) -> list[Dataset]:
     return out
 
 
-def _series_number(src: Dataset, offset: int) -> int:
-    # Derived from the source so re-runs and other nodes agree (never random).
-    return int(src.get("SeriesNumber") or 0) % 100_000 * 10 + offset
-
-
 def parametric_maps(volume: DwiVolume, maps: dict[str, np.ndarray], ctx: RunContext, description: str) -> list[Dataset]:
     """One Parametric Map per parameter, each in its own series and with its own window."""
     geo = volume.geometry
@@ -182,7 +177,7 @@ def parametric_maps(volume: DwiVolume, maps: dict[str, np.ndarray], ctx: RunCont
             source_images=sources,
             pixel_array=maps[p.key].astype(np.float32),  # [Z, R, C]: one frame per plane position
             series_instance_uid=ctx.uid(f"pm/{p.key}/series"),
-            series_number=_series_number(volume.sources[0], 1 + pi),
+            series_number=derived_series_number(volume.sources[0].get("SeriesNumber"), 1 + pi),
             sop_instance_uid=ctx.uid(f"pm/{p.key}/instance"),
             instance_number=1,
             manufacturer=ctx.identity.manufacturer,
@@ -237,7 +232,7 @@ def derived_mr_series(
             img = DerivedImage(
                 series_uid=ctx.uid(f"mr/{p.key}/series"),
                 sop_uid=ctx.uid(f"mr/{p.key}/instance/{z}"),
-                series_number=_series_number(src, 1 + len(PARAMETERS) + pi),
+                series_number=derived_series_number(src.get("SeriesNumber"), 1 + len(PARAMETERS) + pi),
                 instance_number=z + 1,
                 description=f"IVIM {p.label} AI [{p.stored_unit}] ({description})",
                 image_type=("DIFFUSION MAP", p.label),

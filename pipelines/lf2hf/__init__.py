@@ -1,17 +1,18 @@
-"""Low-field to high-field MRI translation: model side.
+"""Low-field to high-field MRI translation.
 
-A compact conditioned residual U-Net (:mod:`pipelines.lf2hf.net`, trained by
-:mod:`pipelines.lf2hf.train`) turns a low-field (0.05 to 0.55 T) spin-echo
-T1- or T2-weighted slice into a 3 T-like slice at twice the in-plane matrix:
-contrast adaptation, denoising and 2x super-resolution in one pass. The
-training and evaluation data come from a physics-based simulator on the
-MNI152 2009 template (:mod:`pipelines.lf2hf.simulator`); the held-out
-benchmark against bicubic and non-local-means baselines is
-:mod:`pipelines.lf2hf.bench`.
+A compact conditioned residual U-Net turns a low-field (0.05 to 0.55 T)
+spin-echo T1- or T2-weighted slice into a 3 T-like slice at twice the
+in-plane matrix: contrast adaptation, denoising and 2x super-resolution in
+one pass. The enhanced image is a reading aid: it never replaces the
+acquired image, and :func:`pipelines.lf2hf.infer.degrade` checks every
+output slice against the acquired one.
 
-Only :mod:`pipelines.lf2hf.preprocess`, :mod:`pipelines.lf2hf.infer` and
-:mod:`pipelines.lf2hf.metrics` are needed at inference time (numpy and
-onnxruntime, no torch, no scipy). The enhanced image is a reading aid: it
-never replaces the acquired image, and :func:`pipelines.lf2hf.infer.degrade`
-checks every output slice against the acquired one.
+What runs in the service (numpy and onnxruntime, no torch, no scipy):
+:mod:`~pipelines.lf2hf.pipeline` (selector and run),
+:mod:`~pipelines.lf2hf.options`, :mod:`~pipelines.lf2hf.preprocess`,
+:mod:`~pipelines.lf2hf.infer` and :mod:`~pipelines.lf2hf.dicom`.
+:mod:`pipelines.lf2hf.lab` holds the rest: the network, its training, the
+physics-based simulator on the MNI152 2009 template that makes the training
+and evaluation data, and the held-out benchmark against bicubic and
+non-local-means baselines.
 """

@@ -44,7 +44,7 @@ acquired pixels:
 :attr:`ConsistencyResult.score` is ``max(global_score / GLOBAL_THRESHOLD,
 local_score)``, so ``score > 1`` means flagged. The constants were
 calibrated on simulated slices of the training slab, never the held-out
-data (``python -m pipelines.lf2hf.bench --calibrate``): there, none of the
+data (``python -m pipelines.lf2hf.lab.bench --calibrate``): there, none of the
 network's outputs is flagged (largest score 0.76), 4 % of the 3 T truths
 themselves are (thin-slice detail that the thick low-field slice cannot
 show), a bright blob added to the outputs (peak twice the tissue level,
@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -79,16 +78,18 @@ if TYPE_CHECKING:
 __all__ = [
     "GLOBAL_THRESHOLD",
     "LOCAL_TOLERANCE",
+    "MODEL",
     "MODEL_ERROR_FLOOR",
     "ConsistencyResult",
     "degrade",
     "enhance",
-    "make_session",
 ]
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
 
+#: Manifest name of the network (``exported_models/lf2hf-net.json``).
+MODEL: str = "lf2hf-net"
 #: Input sides are padded to a multiple of this (the network's stride).
 PAD_MULTIPLE: int = 4
 #: Upsampling factor of the network.
@@ -119,28 +120,6 @@ MAP_INTENSITY_DEGREE: int = 3
 MAP_SPATIAL_DEGREE: int = 2
 
 
-def make_session(path: str | Path, threads: int = 1) -> "onnxruntime.InferenceSession":
-    """Open the exported model on the CPU with a fixed number of threads.
-
-    Parameters
-    ----------
-    path : str or pathlib.Path
-        The ``.onnx`` file.
-    threads : int
-        Intra-op threads (0: onnxruntime's default, all cores).
-
-    Returns
-    -------
-    onnxruntime.InferenceSession
-    """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def _pad(x: np.ndarray, multiple: int) -> np.ndarray:
     """Pad ``[N, H, W]`` at the bottom and right to multiples of ``multiple`` by reflection."""
     h, w = x.shape[-2:]
@@ -166,7 +145,8 @@ def enhance(session: "onnxruntime.InferenceSession", slices: np.ndarray, field_s
     Parameters
     ----------
     session : onnxruntime.InferenceSession
-        From :func:`make_session`.
+        Of the exported model: ``ctx.sessions[MODEL]`` in the service,
+        :func:`pipelines._lab.cpu_session` in the lab and the tests.
     slices : numpy.ndarray
         float32 ``[N, H, W]`` (or one ``[H, W]`` slice) raw magnitude.
     field_strength_t : float

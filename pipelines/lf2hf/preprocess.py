@@ -1,7 +1,12 @@
-"""Pre-processing shared by the simulator, training and inference (numpy only).
+"""Series in, arrays out: reading the slices, and the pre-processing shared with the lab.
 
-Everything that must be computed *identically* on simulated training data and
-on acquired images lives here, so the two can never drift apart:
+:func:`read_slices` turns a routed series into sorted frames, their source
+headers and geometry; :func:`field_strength` and :func:`guess_contrast`
+read what the network is told about the acquisition.
+
+Everything that must be computed *identically* on simulated training data
+(:mod:`pipelines.lf2hf.lab.simulator`) and on acquired images lives here
+too, so the two can never drift apart (numpy only):
 
 * :func:`estimate_noise_sigma`: the Rician noise level from the background;
 * :func:`head_mask`: a rough head mask from the image alone;
@@ -17,10 +22,18 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from gateway.contract import Geometry, InputError, Series
+from pipelines.lf2hf.options import ACCEPTED_FIELD_RANGE_T
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 __all__ = [
     "COND_DIM",
@@ -29,10 +42,13 @@ __all__ = [
     "box_mean",
     "encode_conditioning",
     "estimate_noise_sigma",
+    "field_strength",
+    "guess_contrast",
     "head_mask",
     "kspace_downsample",
     "normalisation_scale",
     "prepare_slice",
+    "read_slices",
 ]
 
 logger = logging.getLogger(__name__)
@@ -344,3 +360,85 @@ def prepare_slice(img: np.ndarray, field_strength_t: float, contrast: Contrast |
     quantiles = np.percentile(x[mask], COND_QUANTILES) / scale
     cond = encode_conditioning(field_strength_t, contrast, sigma / scale, quantiles)
     return PreparedSlice((x / scale).astype(np.float32), cond, scale, sigma)
+
+
+def read_slices(series: Series) -> tuple[np.ndarray, list[Dataset], list[Geometry]]:
+    """Frames ``[N, H, W]`` of classic or enhanced images, sorted along the slice normal.
+
+    The modality LUT is applied (:meth:`gateway.contract.Instance.frames`).
+    Each frame comes with the header of its instance (the source of the
+    derived image) and its plane geometry, in the same order, so the writer
+    can copy identity and place each enhanced slice where its source lies.
+
+    Raises
+    ------
+    gateway.contract.InputError
+        For colour images, images without position, orientation or pixel
+        spacing, frames of different sizes, or a series without images: the
+        network translates one grey-level matrix size per series.
+    """
+    frames: list[np.ndarray] = []
+    sources: list[Dataset] = []
+    geoms: list[Geometry] = []
+    for inst in series.instances:
+        header = inst.dataset(pixels=False)
+        for frame in inst.frames():
+            if frame.pixels.ndim != 2:
+                raise InputError("colour images cannot be translated (SamplesPerPixel != 1)")
+            if frame.geometry is None:
+                raise InputError("an image lacks position, orientation or pixel spacing")
+            if frames and frame.pixels.shape != frames[0].shape:
+                raise InputError(f"images differ in size ({frame.pixels.shape} and {frames[0].shape})")
+            frames.append(frame.pixels)
+            sources.append(header)
+            geoms.append(frame.geometry)
+    if not frames:
+        raise InputError("series has no images")
+    order = sorted(range(len(frames)), key=lambda i: geoms[i].slice_location)
+    return (
+        np.stack([frames[i] for i in order]).astype(np.float32),
+        [sources[i] for i in order],
+        [geoms[i] for i in order],
+    )
+
+
+def field_strength(series: Series, assume_field_t: float | None) -> float:
+    """B0 (T) of the acquisition: MagneticFieldStrength (0018,0087), else what the site assumes.
+
+    Raises
+    ------
+    gateway.contract.InputError
+        When the series lacks the attribute and no ``assume_field_t`` is
+        configured, or when B0 lies outside :data:`~pipelines.lf2hf.options.ACCEPTED_FIELD_RANGE_T`:
+        the network is conditioned on B0, and a guess would silently change its output.
+    """
+    value = series.first("MagneticFieldStrength")
+    raw: Any = value if value not in (None, "") else assume_field_t
+    try:
+        b0 = float(raw)
+    except (TypeError, ValueError):
+        raise InputError(
+            "MagneticFieldStrength (0018,0087) is missing; set [pipelines.lf2hf] assume_field_t to process anyway"
+        ) from None
+    if not ACCEPTED_FIELD_RANGE_T[0] <= b0 <= ACCEPTED_FIELD_RANGE_T[1]:
+        raise InputError(f"MagneticFieldStrength {b0:g} T is outside what the model can translate (0.05-0.55 T)")
+    return b0
+
+
+def guess_contrast(headers: Mapping[str, Any] | Dataset) -> str:
+    """T2w for long echo times (or a description saying so), else T1w.
+
+    The series description wins because sites name their protocols; the
+    echo time (60 ms and more for T2 weighting in spin echo) is the fallback
+    when the description says neither.
+    """
+    desc = str(headers.get("SeriesDescription", "")).upper()
+    if "T2" in desc or "FLAIR" in desc:
+        return "T2w"
+    if "T1" in desc:
+        return "T1w"
+    try:
+        te = float(headers.get("EchoTime") or 0)
+    except (TypeError, ValueError):
+        te = 0.0
+    return "T2w" if te >= 60 else "T1w"

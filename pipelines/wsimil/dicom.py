@@ -17,18 +17,17 @@ and a volumetric group on segment 1 of the Segmentation with the tumour area
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
-from gateway.contract import RunContext
+from gateway.contract import RunContext, derived_series_number
 from pipelines._uids import pin_dimension_organization
+from pipelines.wsimil.infer import SlideResult
 from pipelines.wsimil.preprocess import TileGrid
 
-__all__ = ["SlideResult", "slide_report", "tumour_segmentation"]
+__all__ = ["SEG_SERIES_OFFSET", "SR_SERIES_OFFSET", "slide_report", "tumour_segmentation"]
 
 SEGMENT_LABEL = "Tumour probability"
 NEOPLASM = codes.SCT.Neoplasm
@@ -56,21 +55,9 @@ _CID100_EXTENSION = {
     "ContextGroupExtensionCreatorUID": "2.25.308235588886006849567498594204057531166",
 }
 SEG_TILE = 256  # frame size of the Segmentation
-
-
-@dataclass(frozen=True)
-class SlideResult:
-    """What the model said about a slide."""
-
-    probability: float  # slide-level tumour probability
-    threshold: float  # slide called positive at or above this
-    tile_probability: np.ndarray  # float32 [grid rows, grid columns], 0 off tissue
-    tissue_tiles: int
-    tile_threshold: float  # tiles at or above this count as tumour area
-
-    @property
-    def positive(self) -> bool:
-        return self.probability >= self.threshold
+# Series Number digits of the two results (gateway.contract.derived_series_number).
+SEG_SERIES_OFFSET = 7
+SR_SERIES_OFFSET = 8
 
 
 def _algorithm(ctx: RunContext, version: str) -> hd.AlgorithmIdentificationSequence:
@@ -80,10 +67,6 @@ def _algorithm(ctx: RunContext, version: str) -> hd.AlgorithmIdentificationSeque
         version=version,
         source=ctx.identity.manufacturer,
     )
-
-
-def _series_number(src: Dataset, offset: int) -> int:
-    return int(src.get("SeriesNumber") or 0) % 100_000 * 10 + offset
 
 
 def _first_tile_centre(source: Dataset, tile_src_px: float) -> tuple[float, float, float]:
@@ -144,7 +127,7 @@ def tumour_segmentation(
         max_fractional_value=255,
         segment_descriptions=[description],
         series_instance_uid=ctx.uid("seg/series"),
-        series_number=_series_number(source, 7),
+        series_number=derived_series_number(source.get("SeriesNumber"), SEG_SERIES_OFFSET),
         sop_instance_uid=ctx.uid("seg/instance"),
         instance_number=1,
         manufacturer=ctx.identity.manufacturer,
@@ -228,7 +211,7 @@ def slide_report(
         evidence=[source, seg],
         content=report,
         series_instance_uid=ctx.uid("sr/series"),
-        series_number=_series_number(source, 8),
+        series_number=derived_series_number(source.get("SeriesNumber"), SR_SERIES_OFFSET),
         sop_instance_uid=ctx.uid("sr/instance"),
         instance_number=1,
         manufacturer=ctx.identity.manufacturer,

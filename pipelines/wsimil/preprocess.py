@@ -1,4 +1,15 @@
-"""Reading a whole slide as a stream of model tiles, through wsidicom.
+"""Reading a whole slide as a stream of model tiles, through wsidicom, and the tile conventions.
+
+The model sees square RGB tiles of :data:`TILE_PX` pixels at
+:data:`MODEL_MPP` micrometres per pixel (a 64 um field, about a 5x
+objective), which is enough to tell large pleomorphic nuclei from small
+stromal and lymphoid ones and keeps a 100,000-pixel-wide 40x slide at some
+40,000 tissue tiles. A tile counts as tissue when at least
+:data:`MIN_TISSUE_FRACTION` of its pixels are coloured (stained), which is
+how glass and tissue differ in brightfield whatever the stain strength.
+Training, the held-out evaluation and the benchmark tile synthetic slides
+with these same constants and functions
+(:func:`pipelines.wsimil.lab.metrics.slide_tiles`).
 
 The slide is never decoded whole. The steps:
 
@@ -6,7 +17,7 @@ The slide is never decoded whole. The steps:
    label and overview images; TILED_FULL or TILED_SPARSE; JPEG, JPEG 2000 or
    uncompressed frames);
 2. choose the pyramid level nearest the model's resolution
-   (:data:`~pipelines.wsimil.tiles.MODEL_MPP`); when that level is missing
+   (:data:`MODEL_MPP`); when that level is missing
    wsidicom reads the next finer one and downsamples, and when the pyramid's
    steps are not the model's, each chunk is resized so a model tile always
    covers an integer number of level pixels (the segmentation's geometry
@@ -15,7 +26,7 @@ The slide is never decoded whole. The steps:
    pixels a side) so glass is never read at full resolution; a slide with
    no such level (a single-level slide) is read everywhere;
 4. yield chunks of 8 x 8 model tiles, one at a time, with the tiles that are
-   tissue by the training rule (:func:`~pipelines.wsimil.tiles.tissue_fraction`).
+   tissue by the training rule (:func:`tissue_fraction`).
 
 A region that cannot be decoded (a corrupt frame) is retried tile by tile;
 what still fails is counted and left out, and the caller decides whether
@@ -34,13 +45,97 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from gateway.contract import InputError
-from pipelines.wsimil.tiles import MIN_TISSUE_FRACTION, MODEL_MPP, TILE_PX, saturation, tissue_fraction
+from gateway.contract import InputError, Instance, RunContext, Series, SeriesInfo
 
-__all__ = ["Chunk", "SlideReader", "TileGrid", "open_slide"]
+__all__ = [
+    "MIN_TISSUE_FRACTION",
+    "MODEL_MPP",
+    "SATURATION_THRESHOLD",
+    "TILE_PX",
+    "WSI_STORAGE",
+    "Chunk",
+    "ReadStats",
+    "SlideReader",
+    "TileGrid",
+    "check_readable",
+    "open_slide",
+    "saturation",
+    "slide_paths",
+    "source_level",
+    "tissue_fraction",
+    "to_model_input",
+    "volume_instances",
+]
 
 log = logging.getLogger(__name__)
 
+#: VL Whole Slide Microscopy Image Storage (PS3.4 B.5).
+WSI_STORAGE = "1.2.840.10008.5.1.4.1.1.77.1.6"
+
+# ---------------------------------------------------------------- tile conventions (the model's input)
+MODEL_MPP = 2.0
+TILE_PX = 32
+MIN_TISSUE_FRACTION = 0.25
+# max(R, G, B) - min(R, G, B) above this is stain, below is glass and noise
+SATURATION_THRESHOLD = 25
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """Colourfulness of RGB uint8 pixels, ``[..., 3]`` -> ``[...]`` int16."""
+    return rgb.max(axis=-1).astype(np.int16) - rgb.min(axis=-1).astype(np.int16)
+
+
+def tissue_fraction(tiles: np.ndarray) -> np.ndarray:
+    """Fraction of stained pixels per tile, ``[N, H, W, 3]`` uint8 -> ``[N]``."""
+    return (saturation(tiles) > SATURATION_THRESHOLD).mean(axis=(1, 2))
+
+
+def to_model_input(tiles: np.ndarray) -> np.ndarray:
+    """RGB uint8 tiles ``[N, H, W, 3]`` -> float32 ``[N, 3, H, W]`` in [0, 1], the encoder's input."""
+    return np.ascontiguousarray(tiles.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
+
+
+# ---------------------------------------------------------------- the series' instances
+
+
+def _image_type(inst: Instance) -> list[str]:
+    v = inst.headers.get("ImageType") or []
+    return [str(x).upper() for x in (v if isinstance(v, list) else [v])]
+
+
+def volume_instances(series: SeriesInfo) -> list[Instance]:
+    """The pyramid levels of a slide series: whole-slide images whose Image Type is VOLUME (PS3.3 C.8.12.4.1.1).
+
+    Thumbnails, labels and overviews are whole-slide images too; only a
+    VOLUME image holds the tissue at a known resolution.
+    """
+    return [i for i in series.instances if i.sop_class_uid == WSI_STORAGE and "VOLUME" in _image_type(i)]
+
+
+def slide_paths(series: Series) -> list[Path]:
+    """Files of every whole-slide image of the series, all handed to wsidicom (it sorts levels and extras)."""
+    return [i.path for i in series.instances if i.sop_class_uid == WSI_STORAGE]
+
+
+def source_level(series: Series, size: tuple[int, int]) -> Instance:
+    """The stored pyramid level instance of the given total pixel matrix size (columns, rows).
+
+    The Segmentation and the report reference the level whose pixels were
+    read; wsidicom names it by size only, so it is found again among the
+    series' instances by its Total Pixel Matrix Columns and Rows.
+    """
+    for inst in volume_instances(series):
+        try:
+            cols = int(inst.headers.get("TotalPixelMatrixColumns") or 0)
+            rows = int(inst.headers.get("TotalPixelMatrixRows") or 0)
+        except (TypeError, ValueError):
+            continue
+        if (cols, rows) == size:
+            return inst
+    raise InputError("the pyramid level that was read is not among the series' instances")
+
+
+# ---------------------------------------------------------------- reading the slide
 CHUNK_TILES = 8  # a chunk is 8 x 8 model tiles (256 x 256 model pixels)
 DETECT_MAX_PIXELS = 2048  # largest stored level side read whole for tissue detection
 # Level mpp within this fraction of the model's is read as is (2.0 vs 2.02 um is no difference to the model).
@@ -95,6 +190,8 @@ class Chunk:
 
 @dataclass
 class ReadStats:
+    """What reading a slide met: regions read and skipped as glass, tiles examined and undecodable."""
+
     chunks_total: int = 0
     chunks_read: int = 0
     chunks_skipped_glass: int = 0
@@ -287,6 +384,36 @@ def _detect_threshold(img: np.ndarray) -> float:
     otsu = float(np.nanargmax(between)) if np.any(np.isfinite(between)) else 25.0
     # a slide that is all glass has no real split: never go below the noise floor
     return float(np.clip(otsu, 12.0, 25.0))
+
+
+def check_readable(stats: ReadStats, max_unreadable_fraction: float, ctx: RunContext) -> None:
+    """Report the tiles that could not be decoded, and fail the job when they are too many.
+
+    A few corrupt frames leave holes in the map but not a wrong answer, so
+    they are logged and counted (``ctx.flag("unreadable_tile", n)``) for
+    operations to see; beyond ``max_unreadable_fraction`` of the examined
+    tiles the slide image is called damaged, a permanent failure.
+
+    Raises
+    ------
+    InputError
+        More than ``max_unreadable_fraction`` of the examined tiles are unreadable.
+    """
+    if not stats.tiles_unreadable:
+        return
+    examined = stats.tiles_examined + stats.tiles_unreadable
+    ctx.flag("unreadable_tile", stats.tiles_unreadable)
+    ctx.log.warning(
+        "%d of %d tiles could not be decoded (%s)",
+        stats.tiles_unreadable,
+        examined,
+        ", ".join(sorted(set(stats.errors))),
+    )
+    if stats.tiles_unreadable > max_unreadable_fraction * max(examined, 1):
+        raise InputError(
+            f"{stats.tiles_unreadable} of {examined} tiles of the slide could not be decoded "
+            f"(more than {max_unreadable_fraction:.0%}); the slide image is damaged"
+        )
 
 
 def open_slide(paths: Sequence[Path]) -> SlideReader:

@@ -27,8 +27,7 @@ deterministic UIDs, derived DICOM out) and has knobs for failure tests: see
 SeriesDescription contains ``REJECT`` fails with InputError.
 """
 
-from tests.plugins.invert.lab.model import MODEL_NAME, build_model
 from tests.plugins.invert.options import InvertOptions
 from tests.plugins.invert.pipeline import InvertPipeline
 
-__all__ = ["MODEL_NAME", "InvertOptions", "InvertPipeline", "build_model"]
+__all__ = ["InvertOptions", "InvertPipeline"]

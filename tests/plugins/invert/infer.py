@@ -6,7 +6,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["invert"]
+__all__ = ["MODEL_NAME", "invert"]
+
+#: The manifest name of the model (``exported_models/<name>.json``).
+MODEL_NAME = "test-invert"
 
 
 def invert(session: Any, image: np.ndarray, max_value: int) -> np.ndarray:

@@ -10,8 +10,7 @@ from pydicom import Dataset
 
 from gateway.contract import InputError, ModelSpec, RunContext, Selection, Series, SeriesInfo
 from tests.plugins.invert.dicom import inverted_image
-from tests.plugins.invert.infer import invert
-from tests.plugins.invert.lab.model import MODEL_NAME
+from tests.plugins.invert.infer import MODEL_NAME, invert
 from tests.plugins.invert.options import InvertOptions
 from tests.plugins.invert.preprocess import read_images
 

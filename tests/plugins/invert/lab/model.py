@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipelines._lab import OPSET, write_manifest
+from tests.plugins.invert.infer import MODEL_NAME
 
 __all__ = ["MODEL_NAME", "build_model", "demo_study"]
-
-MODEL_NAME = "test-invert"
 
 
 def build_model(folder: Path) -> Path:

@@ -2,10 +2,10 @@
 
 Usage::
 
-    python -m pipelines.wsimil.bench [--n 200] [--e2e] [--large-mm 16]
+    python -m pipelines.wsimil.lab.bench [--n 200] [--e2e] [--large-mm 16]
 
 1. Accuracy on ``--n`` held-out synthetic slides (seeds
-   :data:`~pipelines.wsimil.evaluate.BENCH_BASE` + i, never used by training,
+   :data:`~pipelines.wsimil.lab.evaluate.BENCH_BASE` + i, never used by training,
    the manifest's evaluation or the tests): each slide is written as a DICOM
    pyramid (JPEG, base 1 um/pixel, 256-pixel tiles, label, overview,
    thumbnail), read back through wsidicom by the pipeline's own reader and
@@ -38,24 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.wsimil.evaluate import (
-    BENCH_BASE,
-    ENCODER_NAME,
-    HEAD_NAME,
-    SlideOutcome,
-    make_scene,
-    summarise,
-    throughput,
-)
-from pipelines.wsimil.infer import make_session
-from pipelines.wsimil.metrics import TRUTH_FRACTION, slide_tiles
-from pipelines.wsimil.pipeline import score_slide
-from pipelines.wsimil.preprocess import open_slide
-from pipelines.wsimil.scene import SlideScene
-from pipelines.wsimil.tiles import TILE_PX
-from pipelines.wsimil.wsi import write_slide
+from pipelines._lab import cpu_session
+from pipelines.wsimil.infer import ENCODER, HEAD, score_slide
+from pipelines.wsimil.lab.evaluate import BENCH_BASE, SlideOutcome, make_scene, summarise, throughput
+from pipelines.wsimil.lab.metrics import TRUTH_FRACTION, slide_tiles
+from pipelines.wsimil.lab.scene import SlideScene
+from pipelines.wsimil.lab.wsi import write_slide
+from pipelines.wsimil.preprocess import TILE_PX, open_slide
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MODELS = ROOT / "exported_models"
 
 
@@ -69,8 +60,9 @@ def tile_truth(scene: SlideScene, rc: np.ndarray, tile_mpp: float) -> np.ndarray
 
 
 def accuracy(n: int, models: Path) -> dict[str, Any]:
-    enc = make_session(models / f"{ENCODER_NAME}.onnx", threads=1)
-    head = make_session(models / f"{HEAD_NAME}.onnx", threads=1)
+    """Score ``n`` benchmark slides written as JPEG DICOM pyramids and read back as the service reads them."""
+    enc = cpu_session(models / f"{ENCODER}.onnx", threads=1)
+    head = cpu_session(models / f"{HEAD}.onnx", threads=1)
     outcomes: list[SlideOutcome] = []
     tiles = seconds = write_s = 0.0
     with tempfile.TemporaryDirectory(prefix="aigw-wsi-bench-") as tmp:
@@ -110,7 +102,7 @@ def accuracy(n: int, models: Path) -> dict[str, Any]:
     out["mean_tissue_tiles_per_slide"] = round(tiles / max(len(outcomes), 1))
     out["mean_write_seconds_per_slide"] = round(write_s / max(n, 1), 2)
     sample, _, _, _ = slide_tiles(make_scene(0, BENCH_BASE))
-    out["throughput_single_thread"] = throughput(models / f"{ENCODER_NAME}.onnx", models / f"{HEAD_NAME}.onnx", sample)
+    out["throughput_single_thread"] = throughput(models / f"{ENCODER}.onnx", models / f"{HEAD}.onnx", sample)
     return out
 
 
@@ -122,7 +114,7 @@ def _peak_child(side_um: float, base_mpp: float, folder: Path, models: Path) -> 
     write_s = time.perf_counter() - t0
     code = (
         "import json,resource,sys,time;from pathlib import Path;"
-        "from pipelines.wsimil.bench import _score_files;"
+        "from pipelines.wsimil.lab.bench import _score_files;"
         "print(json.dumps(_score_files(sys.argv[1:-1], Path(sys.argv[-1]))))"
     )
     r = subprocess.run(
@@ -140,8 +132,9 @@ def _peak_child(side_um: float, base_mpp: float, folder: Path, models: Path) -> 
 
 
 def _score_files(paths: list[str], models: Path) -> dict[str, Any]:
-    enc = make_session(models / f"{ENCODER_NAME}.onnx", threads=1)
-    head = make_session(models / f"{HEAD_NAME}.onnx", threads=1)
+    """Score one slide's files in this process; the peak RSS before and after reading it."""
+    enc = cpu_session(models / f"{ENCODER}.onnx", threads=1)
+    head = cpu_session(models / f"{HEAD}.onnx", threads=1)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reader = open_slide([Path(p) for p in paths])
     try:
@@ -158,6 +151,7 @@ def _score_files(paths: list[str], models: Path) -> dict[str, Any]:
 
 
 def memory(large_mm: float, models: Path) -> dict[str, Any]:
+    """Peak memory of scoring a small and a ``large_mm`` square slide, each in a fresh process."""
     with tempfile.TemporaryDirectory(prefix="aigw-wsi-mem-") as tmp:
         small = _peak_child(2000.0, 0.5, Path(tmp) / "small", models)
         large = _peak_child(large_mm * 1000.0, 0.5, Path(tmp) / "large", models)

@@ -2,13 +2,13 @@
 
 Usage::
 
-    python -m pipelines.lf2hf.bench [--model exported_models/lf2hf-net.onnx]
+    python -m pipelines.lf2hf.lab.bench [--model exported_models/lf2hf-net.onnx]
         [--json-out FILE] [--manifest exported_models/lf2hf-net.json
         --train-log DIR/lf2hf-net.train.json]
 
-Data: the held-out slab :data:`~pipelines.lf2hf.simulator.HELDOUT_SLICES`
+Data: the held-out slab :data:`~pipelines.lf2hf.lab.simulator.HELDOUT_SLICES`
 (never used in training) simulated with the unseen seeds
-:data:`~pipelines.lf2hf.simulator.BENCH_SEEDS`, at B0 = 0.064, 0.3 and
+:data:`~pipelines.lf2hf.lab.simulator.BENCH_SEEDS`, at B0 = 0.064, 0.3 and
 0.55 T, T1w and T2w, every other acquisition parameter random (10 slices x
 3 seeds = 30 slices per field and weighting).
 
@@ -38,7 +38,6 @@ This is a command-line script, so it prints its tables.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -57,6 +56,7 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402
 
+from pipelines._lab import cpu_session, sha256_file, write_manifest  # noqa: E402
 from pipelines.lf2hf.infer import (  # noqa: E402
     GLOBAL_THRESHOLD,
     LOCAL_SIGMA_PX,
@@ -67,9 +67,15 @@ from pipelines.lf2hf.infer import (  # noqa: E402
     SCALE,
     degrade,
     enhance,
-    make_session,
 )
-from pipelines.lf2hf.metrics import gm_wm_contrast, psnr_masked, ssim_masked  # noqa: E402
+from pipelines.lf2hf.lab.metrics import gm_wm_contrast, psnr_masked, ssim_masked  # noqa: E402
+from pipelines.lf2hf.lab.simulator import (  # noqa: E402
+    BENCH_SEEDS,
+    HELDOUT_SLICES,
+    TRAIN_SLICES,
+    SlicePair,
+    generate_pairs,
+)
 from pipelines.lf2hf.preprocess import (  # noqa: E402
     COND_DIM,
     COND_FIELD_REF_T,
@@ -81,18 +87,11 @@ from pipelines.lf2hf.preprocess import (  # noqa: E402
     estimate_noise_sigma,
     normalisation_scale,
 )
-from pipelines.lf2hf.simulator import (  # noqa: E402
-    BENCH_SEEDS,
-    HELDOUT_SLICES,
-    TRAIN_SLICES,
-    SlicePair,
-    generate_pairs,
-)
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_MODEL = ROOT / "exported_models" / "lf2hf-net.onnx"
 #: Field strengths of the benchmark (T).
 BENCH_FIELDS: tuple[float, ...] = (0.064, 0.3, 0.55)
@@ -281,9 +280,12 @@ def _print_calibration(cal: dict[str, dict[str, np.ndarray]]) -> None:
     print()
 
 
-def speed(model: Path, threads: int, n: int = 20) -> dict[str, float]:
-    """Slices per second for one 128 x 128 -> 256 x 256 slice per call (including pre/post-processing)."""
-    sess = make_session(model, threads=threads)
+def speed(model: Path, threads: int | None, n: int = 20) -> dict[str, float]:
+    """Slices per second for one 128 x 128 -> 256 x 256 slice per call (including pre/post-processing).
+
+    ``threads`` None leaves ONNX Runtime its default of one thread per core.
+    """
+    sess = cpu_session(model, threads=threads)
     x = np.random.default_rng(0).rayleigh(1.0, (1, 128, 128)).astype(np.float32)
     x[:, 24:104, 24:104] += 20.0
     enhance(sess, x, 0.064, "T1w")
@@ -298,15 +300,6 @@ def speed(model: Path, threads: int, n: int = 20) -> dict[str, float]:
         enhance(sess, xb, 0.064, "T1w")
     per_batch = (time.perf_counter() - t0) / max(2, n // 8)
     return {"slices_per_s_batch1": 1.0 / per_call, "slices_per_s_batch8": 8.0 / per_batch}
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _thresholds(per_slice: dict[str, dict[str, dict[str, list[SliceScores]]]]) -> dict[str, dict[str, float]]:
@@ -336,9 +329,13 @@ def _thresholds(per_slice: dict[str, dict[str, dict[str, list[SliceScores]]]]) -
     return out
 
 
-def write_manifest(model: Path, manifest: Path, metrics: dict[str, Any], thresholds: dict[str, Any],
-                   train_log: dict[str, Any]) -> None:
-    """Write the machine-readable manifest of the exported model.
+def write_lf2hf_manifest(model: Path, manifest: Path, metrics: dict[str, Any], thresholds: dict[str, Any],
+                         train_log: dict[str, Any]) -> None:
+    """Write the machine-readable manifest of the exported model, in the committed manifest's key order.
+
+    Everything the service and the model test read (preprocessing constants,
+    consistency thresholds, held-out figures) comes from the code that uses
+    it, so a regenerated manifest cannot drift from the runtime.
 
     Parameters
     ----------
@@ -353,29 +350,15 @@ def write_manifest(model: Path, manifest: Path, metrics: dict[str, Any], thresho
     train_log : dict
         The ``lf2hf-net.train.json`` of the training run of ``model``.
     """
-    import onnx
-
-    from pipelines.lf2hf import simulator as sim
-
-    g = onnx.load(str(model)).graph
-
-    def io(values: list[Any]) -> list[dict[str, Any]]:
-        out = []
-        for v in values:
-            dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
-            out.append({"name": v.name, "shape": dims, "dtype": dtype})
-        return out
+    from pipelines.lf2hf.lab import simulator as sim
 
     cfg = train_log["config"]
-    data = {
-        "name": "lf2hf-net",
-        "version": "1.0.0",
-        "file": model.name,
-        "sha256": sha256_file(model),
-        "inputs": io(list(g.input)),
-        "outputs": io(list(g.output)),
-        "preprocessing": {
+    write_manifest(
+        model,
+        manifest,
+        "lf2hf-net",
+        "1.0.0",
+        preprocessing={
             "function": "pipelines.lf2hf.preprocess.prepare_slice",
             "normalisation": "divide each slice by the median (percentile norm_percentile) of its intensities "
             "within the head mask (pipelines.lf2hf.preprocess.normalisation_scale); multiply the output by the "
@@ -411,10 +394,10 @@ def write_manifest(model: Path, manifest: Path, metrics: dict[str, Any], thresho
                 "flag": "score > 1",
             },
         },
-        "training": {
+        training={
             "command": train_log["command"],
             "seed": cfg["seed"],
-            "data_generator": "pipelines.lf2hf.simulator",
+            "data_generator": "pipelines.lf2hf.lab.simulator",
             "parameters": {
                 "steps": cfg["steps"],
                 "batch": cfg["batch"],
@@ -448,10 +431,9 @@ def write_manifest(model: Path, manifest: Path, metrics: dict[str, Any], thresho
                 "onnx_max_abs_diff_vs_torch": train_log["onnx_max_abs_diff"],
             },
         },
-        "metrics": metrics,
-        "thresholds": thresholds,
-    }
-    manifest.write_text(json.dumps(data, indent=2) + "\n")
+        metrics=metrics,
+        thresholds=thresholds,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.manifest is not None and args.train_log is None:
         ap.error("--manifest needs --train-log")
     logging.basicConfig(level=logging.WARNING)
-    session = make_session(args.model, threads=1)
+    session = cpu_session(args.model, threads=1)
     print(f"model {args.model} sha256 {sha256_file(args.model)}")
     if args.calibrate:
         _print_calibration(calibrate_consistency(session))
@@ -544,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_speed:
         print("## Speed (128 x 128 -> 256 x 256, CPU, onnxruntime, including pre/post-processing)\n")
         sp = {}
-        for threads, label in ((1, "1 thread"), (0, "default threads")):
+        for threads, label in ((1, "1 thread"), (None, "default threads")):
             s = speed(args.model, threads)
             sp[label.replace(" ", "_")] = s
             print(f"{label}: {s['slices_per_s_batch1']:.1f} slices/s (batch 1), "
@@ -563,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json_out.write_text(json.dumps({"metrics": metrics, "thresholds": thresholds}, indent=2))
     if args.manifest is not None:
         train_log = json.loads(args.train_log.read_text())
-        write_manifest(args.model, args.manifest, metrics, thresholds, train_log)
+        write_lf2hf_manifest(args.model, args.manifest, metrics, thresholds, train_log)
         print(f"wrote {args.manifest}")
     return 0 if all(ok for _, ok in checks) else 1
 

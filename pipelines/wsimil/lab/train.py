@@ -2,15 +2,15 @@
 
 Usage::
 
-    python -m pipelines.wsimil.train --seed 1 --out DIR [--steps N] [--pool N] [--cache DIR]
+    python -m pipelines.wsimil.lab.train --seed 1 --out DIR [--steps N] [--pool N] [--cache DIR]
 
 Weak supervision only: every slide contributes its label
 (``scene.has_tumour``) and nothing else; the tumour masks are never
 evaluated during training. The slides are synthetic
-(:class:`~pipelines.wsimil.scene.SlideScene`) with seeds drawn from
-:data:`~pipelines.wsimil.evaluate.TRAIN_SEEDS`, sides uniform in
-:data:`~pipelines.wsimil.evaluate.SIDE_UM_RANGE` and half of them positive,
-tiled exactly as at inference (:func:`~pipelines.wsimil.metrics.slide_tiles`).
+(:class:`~pipelines.wsimil.lab.scene.SlideScene`) with seeds drawn from
+:data:`~pipelines.wsimil.lab.evaluate.TRAIN_SEEDS`, sides uniform in
+:data:`~pipelines.wsimil.lab.evaluate.SIDE_UM_RANGE` and half of them positive,
+tiled exactly as at inference (:func:`~pipelines.wsimil.lab.metrics.slide_tiles`).
 Rendering costs about a second per slide, so a pool of
 :attr:`TrainConfig.pool` slides is rendered once and every step draws one
 positive and one negative bag from it, each augmented afresh: a dihedral
@@ -41,7 +41,7 @@ Writes to DIR: ``wsi-mil-encoder.onnx``, ``wsi-mil-head.onnx`` (opset 17,
 dynamic tile count), their manifests ``wsi-mil-encoder.json`` and
 ``wsi-mil-head.json``, the model card ``wsi-mil.md``, the torch weights
 ``wsi-mil.state.pt`` and the log ``wsi-mil.train.json``. The held-out
-evaluation (:func:`pipelines.wsimil.evaluate.evaluate`, 200 slides) runs
+evaluation (:func:`pipelines.wsimil.lab.evaluate.evaluate`, 200 slides) runs
 on the exported ONNX models.
 """
 
@@ -57,7 +57,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -74,11 +73,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pipelines._lab import OPSET, cpu_session, sha256_file, write_manifest  # noqa: E402
+from pipelines._lab import export_onnx as export_graph  # noqa: E402
 from pipelines._training import step_with_ema  # noqa: E402
-from pipelines.wsimil.evaluate import (  # noqa: E402
+from pipelines.wsimil.infer import ENCODER, HEAD  # noqa: E402
+from pipelines.wsimil.lab.evaluate import (  # noqa: E402
     BENCH_BASE,
-    ENCODER_NAME,
-    HEAD_NAME,
     HELDOUT_BASE,
     SIDE_UM_RANGE,
     SLIDE_THRESHOLD,
@@ -88,15 +88,14 @@ from pipelines.wsimil.evaluate import (  # noqa: E402
     TRAIN_SEEDS,
     evaluate,
 )
-from pipelines.wsimil.metrics import TRUTH_FRACTION, roc_auc, slide_tiles  # noqa: E402
-from pipelines.wsimil.net import ATTENTION_DIM, EMBED_DIM, MilHead, TileEncoder, count_parameters  # noqa: E402
-from pipelines.wsimil.scene import SlideScene  # noqa: E402
-from pipelines.wsimil.tiles import MIN_TISSUE_FRACTION, MODEL_MPP, TILE_PX, to_model_input  # noqa: E402
+from pipelines.wsimil.lab.metrics import TRUTH_FRACTION, roc_auc, slide_tiles  # noqa: E402
+from pipelines.wsimil.lab.net import ATTENTION_DIM, EMBED_DIM, MilHead, TileEncoder, count_parameters  # noqa: E402
+from pipelines.wsimil.lab.scene import SlideScene  # noqa: E402
+from pipelines.wsimil.preprocess import MIN_TISSUE_FRACTION, MODEL_MPP, TILE_PX, to_model_input  # noqa: E402
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
 
-OPSET = 17
 VERSION = "1.0.0"
 CARD_NAME = "wsi-mil.md"
 LOG_NAME = "wsi-mil.train.json"
@@ -468,44 +467,28 @@ def export_onnx(model: _Model, out: Path) -> dict[str, float]:
         embeddings on real tiles, and head outputs for bags of 1, 2, 300 and
         1,500 tiles.
     """
-    import onnx
-    import onnxruntime as ort
-
-    from pipelines.wsimil.evaluate import make_scene
+    from pipelines.wsimil.lab.evaluate import make_scene
 
     model.eval()
-    enc_path, head_path = out / f"{ENCODER_NAME}.onnx", out / f"{HEAD_NAME}.onnx"
-    with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated but needs no onnxscript and
-        # gives a small, plain opset-17 graph; its warning is expected.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            model.encoder,
-            (torch.rand(4, 3, TILE_PX, TILE_PX),),
-            str(enc_path),
-            input_names=["tiles"],
-            output_names=["embeddings"],
-            opset_version=OPSET,
-            dynamic_axes={"tiles": {0: "N"}, "embeddings": {0: "N"}},
-            dynamo=False,
-        )
-        torch.onnx.export(
-            model.head,
-            (torch.rand(5, EMBED_DIM),),
-            str(head_path),
-            input_names=["embeddings"],
-            output_names=["slide_probability", "attention", "tile_probability"],
-            opset_version=OPSET,
-            dynamic_axes={"embeddings": {0: "N"}, "attention": {0: "N"}, "tile_probability": {0: "N"}},
-            dynamo=False,
-        )
-    for path in (enc_path, head_path):
-        onnx.checker.check_model(onnx.load(str(path)))
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    enc = ort.InferenceSession(str(enc_path), so, providers=["CPUExecutionProvider"])
-    head = ort.InferenceSession(str(head_path), so, providers=["CPUExecutionProvider"])
+    enc_path, head_path = out / f"{ENCODER}.onnx", out / f"{HEAD}.onnx"
+    export_graph(
+        model.encoder,
+        (torch.rand(4, 3, TILE_PX, TILE_PX),),
+        enc_path,
+        input_names=["tiles"],
+        output_names=["embeddings"],
+        dynamic_axes={"tiles": {0: "N"}, "embeddings": {0: "N"}},
+    )
+    export_graph(
+        model.head,
+        (torch.rand(5, EMBED_DIM),),
+        head_path,
+        input_names=["embeddings"],
+        output_names=["slide_probability", "attention", "tile_probability"],
+        dynamic_axes={"embeddings": {0: "N"}, "attention": {0: "N"}, "tile_probability": {0: "N"}},
+    )
+    enc = cpu_session(enc_path, threads=1)
+    head = cpu_session(head_path, threads=1)
     # Real tiles from a benchmark-range slide, never trained on; the
     # benchmark's own slides are not touched by this (no metrics are kept).
     tiles, _, _, _ = slide_tiles(make_scene(0, BENCH_BASE), with_truth=False)
@@ -527,14 +510,6 @@ def export_onnx(model: _Model, out: Path) -> dict[str, float]:
     return diffs
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _preprocessing() -> dict[str, Any]:
     return {
         "mpp": MODEL_MPP,
@@ -546,9 +521,9 @@ def _preprocessing() -> dict[str, Any]:
         "min_tissue_fraction": MIN_TISSUE_FRACTION,
         "input": "RGB uint8 -> float32 [N, 3, 32, 32] in [0, 1]",
         "functions": {
-            "tiling": "pipelines.wsimil.metrics.slide_tiles",
-            "tissue_fraction": "pipelines.wsimil.tiles.tissue_fraction",
-            "to_model_input": "pipelines.wsimil.tiles.to_model_input",
+            "tiling": "pipelines.wsimil.lab.metrics.slide_tiles",
+            "tissue_fraction": "pipelines.wsimil.preprocess.tissue_fraction",
+            "to_model_input": "pipelines.wsimil.preprocess.to_model_input",
             "embed": "pipelines.wsimil.infer.embed",
             "mil_head": "pipelines.wsimil.infer.mil_head",
         },
@@ -563,7 +538,7 @@ def write_manifests(out: Path, log: dict[str, Any], metrics: dict[str, Any]) -> 
     training = {
         "command": log["command"],
         "seed": cfg["seed"],
-        "data_generator": "pipelines.wsimil.scene",
+        "data_generator": "pipelines.wsimil.lab.scene",
         "supervision": "slide labels only (scene.has_tumour); tumour masks never used in training",
         "parameters": {
             **{
@@ -604,56 +579,34 @@ def write_manifests(out: Path, log: dict[str, Any], metrics: dict[str, Any]) -> 
         "torch": log["torch"],
         "onnx_max_abs_diff_vs_torch": log["onnx_max_abs_diff"],
     }
-    head_file = f"{HEAD_NAME}.onnx"
-    enc_file = f"{ENCODER_NAME}.onnx"
-    common = {"version": VERSION, "preprocessing": _preprocessing(), "training": training}
-    encoder = {
-        "name": ENCODER_NAME,
-        "file": enc_file,
-        "sha256": _sha256(out / enc_file),
-        "inputs": [{"name": "tiles", "shape": ["N", 3, TILE_PX, TILE_PX], "dtype": "float32"}],
-        "outputs": [{"name": "embeddings", "shape": ["N", EMBED_DIM], "dtype": "float32"}],
+    common = {"preprocessing": _preprocessing(), "training": training}
+    # Keys in the order of the committed manifests (gateway.models.ModelManifest's).
+    write_manifest(
+        out / f"{ENCODER}.onnx",
+        out / f"{ENCODER}.json",
+        ENCODER,
+        VERSION,
         **common,
-        "metrics": {
-            "see": f"{HEAD_NAME}.json",
-            "paired_with": HEAD_NAME,
+        metrics={
+            "see": f"{HEAD}.json",
+            "paired_with": HEAD,
             "throughput_single_thread": metrics["throughput_single_thread"],
         },
-        "thresholds": {"see": f"{HEAD_NAME}.json"},
-    }
-    head = {
-        "name": HEAD_NAME,
-        "file": head_file,
-        "sha256": _sha256(out / head_file),
-        "inputs": [{"name": "embeddings", "shape": ["N", EMBED_DIM], "dtype": "float32"}],
-        "outputs": [
-            {"name": "slide_probability", "shape": [1], "dtype": "float32"},
-            {"name": "attention", "shape": ["N"], "dtype": "float32"},
-            {"name": "tile_probability", "shape": ["N"], "dtype": "float32"},
-        ],
+        thresholds={"see": f"{HEAD}.json"},
+    )
+    write_manifest(
+        out / f"{HEAD}.onnx",
+        out / f"{HEAD}.json",
+        HEAD,
+        VERSION,
         **common,
-        "metrics": {
-            "paired_with": ENCODER_NAME,
+        metrics={
+            "paired_with": ENCODER,
             "truth": f"tile tumour when >= {TRUTH_FRACTION} of its pixels are in scene.tumour_mask",
             "heldout": metrics,
         },
-        "thresholds": dict(THRESHOLDS),
-    }
-    for name, data in ((ENCODER_NAME, encoder), (HEAD_NAME, head)):
-        # Keys in the gateway's order (gateway.models.ModelManifest).
-        order = [
-            "name",
-            "version",
-            "file",
-            "sha256",
-            "inputs",
-            "outputs",
-            "preprocessing",
-            "training",
-            "metrics",
-            "thresholds",
-        ]
-        (out / f"{name}.json").write_text(json.dumps({k: data[k] for k in order}, indent=2) + "\n")
+        thresholds=dict(THRESHOLDS),
+    )
 
 
 def _fmt(v: Any) -> str:
@@ -663,7 +616,7 @@ def _fmt(v: Any) -> str:
 def write_card(out: Path, log: dict[str, Any], metrics: dict[str, Any]) -> None:
     """Write the model card ``wsi-mil.md`` of the encoder and head pair."""
     cfg = log["config"]
-    enc_path, head_path = out / f"{ENCODER_NAME}.onnx", out / f"{HEAD_NAME}.onnx"
+    enc_path, head_path = out / f"{ENCODER}.onnx", out / f"{HEAD}.onnx"
     tp = metrics["throughput_single_thread"]
     rows = [
         (
@@ -705,11 +658,11 @@ slide probability and scores each tile. Trained from slide labels only.
 | | |
 |---|---|
 | files | {files}, opset {OPSET} |
-| sha256 encoder | `{_sha256(enc_path)}` |
-| sha256 head | `{_sha256(head_path)}` |
-| manifests | `{ENCODER_NAME}.json`, `{HEAD_NAME}.json` (held-out metrics and test thresholds) |
+| sha256 encoder | `{sha256_file(enc_path)}` |
+| sha256 head | `{sha256_file(head_path)}` |
+| manifests | `{ENCODER}.json`, `{HEAD}.json` (held-out metrics and test thresholds) |
 | parameters | encoder {params["encoder"]:,}, head {params["head"]:,} |
-| code | `pipelines/wsimil/` (scene, tiles, net, train, infer, metrics, evaluate) |
+| code | `pipelines/wsimil/` (preprocess, infer; lab: scene, net, train, metrics, evaluate) |
 | training seed | {cfg["seed"]} |
 
 ## Intended use and limitations
@@ -717,7 +670,7 @@ slide probability and scores each tile. Trained from slide labels only.
 * **Research and engineering use only. It is not a medical device** and has
   no clinical validation of any kind.
 * It was trained **and validated only on synthetic slides**
-  (`pipelines.wsimil.scene`): a simple generative model of H&E tissue with
+  (`pipelines.wsimil.lab.scene`): a simple generative model of H&E tissue with
   round nuclei of three kinds (stroma, tumour, lymphoid), Beer-Lambert
   stain colours and per-slide stain, background, gamma, blur and noise
   variation. Its tumour is one pattern: large, dense, hyperchromatic
@@ -748,9 +701,9 @@ slide probability and scores each tile. Trained from slide labels only.
 Render or read the slide at {MODEL_MPP} um/pixel; the tile grid starts at
 pixel (0, 0) of that level; tile (r, c) covers rows `r*32:(r+1)*32` and
 columns `c*32:(c+1)*32`; whole tiles only; a tile is used when
-`pipelines.wsimil.tiles.tissue_fraction(tile) >= {MIN_TISSUE_FRACTION}`
+`pipelines.wsimil.preprocess.tissue_fraction(tile) >= {MIN_TISSUE_FRACTION}`
 (the fraction of pixels with `max(R,G,B) - min(R,G,B) > 25`).
-`pipelines.wsimil.metrics.slide_tiles` does all of this for a synthetic
+`pipelines.wsimil.lab.metrics.slide_tiles` does all of this for a synthetic
 scene.
 
 | model | name | shape | meaning |
@@ -783,7 +736,7 @@ they are small ({EMBED_DIM * 4} bytes per tile).
 
 ## Training data
 
-Synthetic slides from `pipelines.wsimil.scene.SlideScene`, seeds drawn
+Synthetic slides from `pipelines.wsimil.lab.scene.SlideScene`, seeds drawn
 without replacement from {TRAIN_SEEDS.start} to {TRAIN_SEEDS.stop - 1}: a pool
 of {cfg["pool"]} slides (tumour requested on half; {log["pool_slides"]["positive"]}
 positive and {log["pool_slides"]["negative"]} negative by `has_tumour`,
@@ -799,7 +752,7 @@ range.
 
 ```
 pip install torch==2.13.0 onnx onnxruntime scipy pillow
-python -m pipelines.wsimil.train --seed {cfg["seed"]} --out DIR
+python -m pipelines.wsimil.lab.train --seed {cfg["seed"]} --out DIR
 ```
 
 Weak supervision: the loss sees each slide's label and nothing else. Per
@@ -831,7 +784,7 @@ bags of 1 to 1,500 tiles).
 
 ## Held-out results
 
-`python -m pipelines.wsimil.evaluate --models DIR` (run by the trainer on
+`python -m pipelines.wsimil.lab.evaluate --models DIR` (run by the trainer on
 the exported ONNX models): {metrics["slides"]} fresh slides, seeds
 {metrics["seeds"][0]:,} to {metrics["seeds"][1]:,}, sizes as in training.
 Tile truth: at least {TRUTH_FRACTION} of the tile's pixels in the scene's
@@ -865,8 +818,8 @@ writes both models, both manifests, this card (with the new figures), the
 torch weights and a training log to DIR. Copy the `.onnx`, `.json` and
 `.md` files into `exported_models/` and run
 `pytest tests/test_wsimil_model.py`. Changing the tiling
-(`pipelines/wsimil/tiles.py`) or the generator
-(`pipelines/wsimil/scene.py`) requires retraining.
+(`pipelines/wsimil/preprocess.py`) or the generator
+(`pipelines/wsimil/lab/scene.py`) requires retraining.
 """
     (out / CARD_NAME).write_text(text)
 
@@ -900,7 +853,7 @@ def main(argv: list[str] | None = None) -> int:
         del cmd[i : i + 2]
     if "--out" in cmd:
         cmd[cmd.index("--out") + 1] = "DIR"
-    log["command"] = "python -m pipelines.wsimil.train " + " ".join(cmd)
+    log["command"] = "python -m pipelines.wsimil.lab.train " + " ".join(cmd)
     (args.out / LOG_NAME).write_text(json.dumps(log, indent=2))
     print(f"trained in {log['train_seconds']} s; onnxruntime vs torch max abs diff {diff}")
     metrics = evaluate(args.out, n=args.eval_slides)

@@ -2,12 +2,12 @@
 
 Usage::
 
-    python -m pipelines.ivim.train --seed 1 --out DIR [--steps N]
+    python -m pipelines.ivim.lab.train --seed 1 --out DIR [--steps N]
 
 Training is deterministic for a given seed and step budget: a single CPU
 thread, ``torch.manual_seed(seed)`` for the weights and a numpy
 ``Generator`` seeded from ``(seed, 0)`` for the simulated data, which is
-drawn fresh every step from :class:`pipelines.ivim.signal.TrainingDistribution`
+drawn fresh every step from :class:`pipelines.ivim.lab.signal.TrainingDistribution`
 (so there is no fixed training set to overfit). The loss is supervised: mean
 squared error of the parameters normalised to the output bounds (IVIM-NET's
 sigmoid ranges), which on simulated data gives a better estimator than the
@@ -28,7 +28,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,10 +41,11 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipelines.ivim.net import OUTPUT_BOUNDS, IvimSetNet  # noqa: E402
-from pipelines.ivim.signal import (  # noqa: E402
+from pipelines._lab import cpu_session, export_onnx  # noqa: E402
+from pipelines.ivim.infer import K_MAX  # noqa: E402
+from pipelines.ivim.lab.net import OUTPUT_BOUNDS, IvimSetNet  # noqa: E402
+from pipelines.ivim.lab.signal import (  # noqa: E402
     BENCH_TEST_SEED,
-    K_MAX,
     MODEL_TEST_SEED,
     SETTING_A_BVALUES,
     TEST_RANGES,
@@ -66,8 +66,6 @@ RESERVED_SEEDS: frozenset[int] = frozenset({BENCH_TEST_SEED, MODEL_TEST_SEED})
 #: File names written into the output directory.
 ONNX_NAME = "ivim-net.onnx"
 LOG_NAME = "ivim-net.train.json"
-#: ONNX opset of the export.
-OPSET = 17
 
 
 @dataclass
@@ -89,7 +87,7 @@ class TrainConfig:
     weight_decay : float
         AdamW weight decay.
     width, head_width : int
-        Network widths, see :class:`pipelines.ivim.net.IvimSetNet`.
+        Network widths, see :class:`pipelines.ivim.lab.net.IvimSetNet`.
     loss_weights : tuple of float
         Weights of the normalised squared errors of D, D*, f, S0.
     voxels_per_protocol : int
@@ -246,8 +244,8 @@ def train(cfg: TrainConfig, dist: TrainingDistribution | None = None) -> tuple[I
     return net, log
 
 
-def export_onnx(net: IvimSetNet, path: Path) -> float:
-    """Export to ONNX and check onnxruntime against torch.
+def export_and_check(net: IvimSetNet, path: Path) -> float:
+    """Export to ONNX (:func:`pipelines._lab.export_onnx`) and check onnxruntime against torch.
 
     Parameters
     ----------
@@ -263,34 +261,15 @@ def export_onnx(net: IvimSetNet, path: Path) -> float:
         units of 1e-3 mm²/s, f, S0) between onnxruntime and torch on a mixed
         batch of 2048 simulated voxels.
     """
-    import onnxruntime as ort
-
-    net.eval()
     n = 4
     dummy = (torch.rand(n, K_MAX), torch.rand(n, K_MAX) * 1000, torch.ones(n, K_MAX))
     names = ["signal", "bvalues", "mask"]
-    with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated but needs no onnxscript and
-        # gives a small, plain opset-17 graph; its warning is expected.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            net,
-            dummy,
-            str(path),
-            input_names=names,
-            output_names=["params"],
-            opset_version=OPSET,
-            dynamic_axes={k: {0: "N"} for k in names + ["params"]},
-            dynamo=False,
-        )
+    export_onnx(net, dummy, path, names, ["params"], {k: {0: "N"} for k in names + ["params"]})
     batch = simulate_training_batch(np.random.default_rng([0, 9]), 2048)
     s, b, m = _to_torch(batch.signal, batch.bvalues_told, batch.mask)
     with torch.no_grad():
         ref = net(s, b, m).numpy()
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = cpu_session(path, threads=1)
     out = sess.run(None, {"signal": s.numpy(), "bvalues": b.numpy(), "mask": m.numpy()})[0]
     scale = np.array([1e3, 1e3, 1.0, 1.0], dtype=np.float32)
     return float(np.max(np.abs((out - ref) * scale)))
@@ -309,10 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     net, log = train(cfg)
     args.out.mkdir(parents=True, exist_ok=True)
     onnx_path = args.out / ONNX_NAME
-    diff = export_onnx(net, onnx_path)
+    diff = export_and_check(net, onnx_path)
     log["onnx_max_abs_diff"] = diff
     log["onnx_bytes"] = onnx_path.stat().st_size
-    log["command"] = " ".join(["python -m pipelines.ivim.train"] + (argv if argv is not None else sys.argv[1:]))
+    log["command"] = " ".join(["python -m pipelines.ivim.lab.train"] + (argv if argv is not None else sys.argv[1:]))
     (args.out / LOG_NAME).write_text(json.dumps(log, indent=2))
     print(f"trained in {log['train_seconds']} s; wrote {onnx_path} ({log['onnx_bytes']} bytes)")
     print(f"onnxruntime vs torch max abs diff (D, D* in 1e-3 mm2/s): {diff:.2e}")

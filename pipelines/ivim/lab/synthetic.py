@@ -24,12 +24,14 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
-from gateway.uids import derived_uid
-from pipelines.ivim.signal import ivim_signal
+from gateway.contract import derived_uid
+from pipelines.ivim.lab.signal import ivim_signal
 
 __all__ = ["DEMO_BVALUES", "TISSUES", "DwiStudy", "make_dwi_study", "phantom"]
 
 DEMO_BVALUES = (0.0, 10.0, 20.0, 40.0, 80.0, 150.0, 300.0, 500.0, 800.0)
+
+
 
 #: Tissue: (D mm2/s, f, D* mm2/s, S0 arbitrary units). Values in the range of
 #: published abdominal IVIM studies at 1.5/3 T.

@@ -1,6 +1,6 @@
 """Writing synthetic slides as DICOM VL Whole Slide Microscopy pyramids, in bounded memory.
 
-:func:`write_slide` turns a :class:`~pipelines.wsimil.scene.SlideScene` into
+:func:`write_slide` turns a :class:`~pipelines.wsimil.lab.scene.SlideScene` into
 the instances a scanner would send (PS3.3 A.32.8, VL Whole Slide Microscopy
 Image IOD): one instance per pyramid level (``VOLUME``), each rendered tile by
 tile directly at that level's resolution, plus a ``LABEL``, an ``OVERVIEW``
@@ -52,8 +52,9 @@ from pydicom.uid import (
 from pydicom.valuerep import DSfloat
 from scipy import ndimage
 
-from gateway.uids import derived_uid
-from pipelines.wsimil.scene import SlideScene
+from gateway.contract import derived_uid
+from pipelines.wsimil.lab.scene import SlideScene
+from pipelines.wsimil.preprocess import WSI_STORAGE
 
 __all__ = [
     "VL_WSI_STORAGE",
@@ -68,8 +69,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-VL_WSI_STORAGE = "1.2.840.10008.5.1.4.1.1.77.1.6"  # PS3.4 B.5, VL Whole Slide Microscopy Image Storage
-
+VL_WSI_STORAGE = WSI_STORAGE  # PS3.4 B.5, VL Whole Slide Microscopy Image Storage: what the pipeline selects
 #: Glass slide, ISO 8037-1 (mm): long side along slide Y, short side along slide X.
 SLIDE_LENGTH_MM = 76.0
 SLIDE_WIDTH_MM = 26.0
@@ -211,7 +211,7 @@ class SlideIdentity:
         acquired: dt.datetime | None = None,
         **kw: str,
     ) -> SlideIdentity:
-        """An identity whose UIDs are :func:`gateway.uids.derived_uid` of the namespace.
+        """An identity whose UIDs are :func:`derived_uid` of the namespace.
 
         Parameters
         ----------

@@ -1,6 +1,6 @@
 """A synthetic low-field brain series written as real DICOM, for the demo and the tests.
 
-The simulator (:mod:`pipelines.lf2hf.simulator`) images the MNI152 anatomy at
+The simulator (:mod:`pipelines.lf2hf.lab.simulator`) images the MNI152 anatomy at
 low field; this module writes the result as a classic MR series with proper
 geometry and MagneticFieldStrength, and keeps the 3 T truth next to it (not
 sent) so the demo report can show input, output and truth side by side.
@@ -18,7 +18,7 @@ from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
-from gateway.uids import derived_uid
+from gateway.contract import derived_uid
 
 __all__ = ["TRUTH_FILE", "preview", "write_lowfield_series"]
 
@@ -35,8 +35,13 @@ def write_lowfield_series(
     slices: Sequence[int] = tuple(range(60, 100, 8)),
     field_strength_attribute: bool = True,
 ) -> list[Path]:
-    """Write a low-field axial brain series; returns the DICOM paths (slice order)."""
-    from pipelines.lf2hf.simulator import simulate_series
+    """Write a low-field axial brain series; returns the DICOM paths (slice order).
+
+    The 3 T truth of the same slices goes into ``folder / TRUTH_FILE`` (never
+    sent) for :func:`preview`. ``field_strength_attribute=False`` leaves out
+    MagneticFieldStrength, to exercise ``assume_field_t``.
+    """
+    from pipelines.lf2hf.lab.simulator import simulate_series
 
     folder.mkdir(parents=True, exist_ok=True)
     sim = simulate_series(list(slices), matrix, field_t, contrast, seed)
@@ -104,6 +109,7 @@ def write_lowfield_series(
 
 
 def _gray(arr: np.ndarray, size: int = 256) -> Image.Image:
+    """A square 8-bit picture of ``arr`` windowed to its 1st to 99.5th percentile."""
     lo, hi = np.percentile(arr, [1, 99.5]) if arr.size else (0.0, 1.0)
     x = np.clip((arr - lo) / ((hi - lo) or 1.0), 0, 1)
     return Image.fromarray((x * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC)

@@ -1,7 +1,7 @@
 """The demo slide and its picture for the demo report.
 
 ``write_demo_slide`` writes a synthetic tumour-positive H&E slide as a DICOM
-whole-slide pyramid (:func:`pipelines.wsimil.wsi.write_slide`) and keeps the
+whole-slide pyramid (:func:`pipelines.wsimil.lab.wsi.write_slide`) and keeps the
 true tumour mask next to it (not sent), so the report can draw the truth
 outline over the model's probability map.
 """
@@ -26,8 +26,8 @@ SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 def write_demo_slide(folder: Path, seed: int, *, width_um: float = 3200.0, height_um: float = 2400.0) -> list[Path]:
     """Write a tumour-positive slide (JPEG pyramid with label, overview and thumbnail); returns its files."""
-    from pipelines.wsimil.scene import SlideScene
-    from pipelines.wsimil.wsi import write_slide
+    from pipelines.wsimil.lab.scene import SlideScene
+    from pipelines.wsimil.lab.wsi import write_slide
 
     folder.mkdir(parents=True, exist_ok=True)
     scene = SlideScene(seed, width_um, height_um, tumour=True)

@@ -1,14 +1,14 @@
 """Tiling of synthetic slides and the figures of merit of the tumour model (numpy only).
 
-:func:`slide_tiles` is the one place where a :class:`~pipelines.wsimil.scene.SlideScene`
+:func:`slide_tiles` is the one place where a :class:`~pipelines.wsimil.lab.scene.SlideScene`
 becomes the model's bag of tiles, with exactly the tiling that inference
 applies to a real slide: the slide is rendered at
-:data:`~pipelines.wsimil.tiles.MODEL_MPP`, the tile grid starts at pixel
+:data:`~pipelines.wsimil.preprocess.MODEL_MPP`, the tile grid starts at pixel
 (0, 0) of that level, tile ``(r, c)`` covers rows ``r*32:(r+1)*32`` and
 columns ``c*32:(c+1)*32``, only whole tiles are used (a partial row or
 column at the right or bottom edge is dropped) and a tile is kept when its
-:func:`~pipelines.wsimil.tiles.tissue_fraction` is at least
-:data:`~pipelines.wsimil.tiles.MIN_TISSUE_FRACTION`. Training, the held-out
+:func:`~pipelines.wsimil.preprocess.tissue_fraction` is at least
+:data:`~pipelines.wsimil.preprocess.MIN_TISSUE_FRACTION`. Training, the held-out
 evaluation, the model test and the benchmark all use it.
 """
 
@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipelines.wsimil.tiles import MIN_TISSUE_FRACTION, MODEL_MPP, TILE_PX, tissue_fraction
+from pipelines.wsimil.preprocess import MIN_TISSUE_FRACTION, MODEL_MPP, TILE_PX, tissue_fraction
 
 if TYPE_CHECKING:
-    from pipelines.wsimil.scene import SlideScene
+    from pipelines.wsimil.lab.scene import SlideScene
 
 __all__ = ["TRUTH_FRACTION", "dice", "grid_shape", "roc_auc", "slide_tiles"]
 
@@ -63,7 +63,7 @@ def slide_tiles(
         The synthetic slide.
     mpp : float
         Micrometres per pixel of the level that is tiled (the model's is
-        :data:`~pipelines.wsimil.tiles.MODEL_MPP`).
+        :data:`~pipelines.wsimil.preprocess.MODEL_MPP`).
     with_truth : bool
         Compute the tile truth from the scene's tumour mask. Training passes
         False: it learns from the slide label only, and the mask is not even

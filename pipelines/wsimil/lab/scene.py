@@ -23,7 +23,7 @@ learning one colour.
 Rendering is local: nuclei are generated per 128 um block from a seed
 derived from the block index, so any region at any micrometres-per-pixel
 gives the same tissue, and a whole slide can be written tile by tile in
-bounded memory (:mod:`pipelines.wsimil.wsi`).
+bounded memory (:mod:`pipelines.wsimil.lab.wsi`).
 """
 
 from __future__ import annotations

@@ -7,8 +7,11 @@ The bi-exponential intravoxel incoherent motion (IVIM) model is
     S(b) = S_0 \\left( f e^{-b D^*} + (1 - f) e^{-b D} \\right)
 
 with ``b`` in s/mm² and ``D``, ``D*`` in mm²/s. Everything here is numpy only
-and vectorised, so that inference code, tests and the benchmark can use it
-without torch.
+and vectorised, so that training, tests and the benchmark share one
+simulator and only training needs torch. The service never simulates: the
+protocol limits the network was trained for (``K_MIN``, ``K_MAX``,
+``B_MAX``) are defined by :mod:`pipelines.ivim.infer`, which checks every
+series against them, and imported here.
 
 Conventions shared by the generator, the network and the estimators:
 
@@ -26,17 +29,12 @@ from enum import Enum
 
 import numpy as np
 
+from pipelines.ivim.infer import B_MAX, K_MAX, K_MIN
+
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
 
-#: Largest number of b-values a protocol may have (network input width).
-K_MAX: int = 20
-#: Smallest number of distinct b-values the network is trained for.
-K_MIN: int = 4
-#: Largest b-value (s/mm²) the network is trained for.
-B_MAX: float = 1000.0
-
-#: Seed of the benchmark's held-out test voxels (:mod:`pipelines.ivim.bench`).
+#: Seed of the benchmark's held-out test voxels (:mod:`pipelines.ivim.lab.bench`).
 BENCH_TEST_SEED: int = 20240917
 #: Seed of the held-out voxels of the model's unit tests.
 MODEL_TEST_SEED: int = 424242

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m pipelines.ivim.bench [--model exported_models/ivim-net.onnx]
+    python -m pipelines.ivim.lab.bench [--model exported_models/ivim-net.onnx]
         [--retrain-seeds 5] [--retrain-steps N] [--voxels 10000]
         [--json-out FILE] [--manifest exported_models/ivim-net.json
         --train-log DIR/ivim-net.train.json]
@@ -11,12 +11,12 @@ Setting A: the fixed protocol b = {0, 5, 10, 20, 30, 40, 60, 150, 300, 500,
 700} s/mm², D ~ U[0.5, 3]e-3 mm²/s, f ~ U[0.05, 0.55], D* ~ U[0.01, 0.1]
 mm²/s, S0 = 1, SNR in {15, 20, 30, 50} with sigma = S0 / SNR, Gaussian and
 Rician noise, ``--voxels`` voxels per SNR and noise type, all drawn from
-:data:`~pipelines.ivim.signal.BENCH_TEST_SEED`, which no training run may
+:data:`~pipelines.ivim.lab.signal.BENCH_TEST_SEED`, which no training run may
 use. The network and both least-squares fits see the same voxels.
 
 Setting B: the same parameter ranges on random protocols of 4 to 20 b-values
 in [0, 1000] (the random branch of
-:func:`~pipelines.ivim.signal.sample_random_protocol`), a fresh protocol for
+:func:`~pipelines.ivim.lab.signal.sample_random_protocol`), a fresh protocol for
 every block of 100 voxels; the network's NRMSE is compared with setting A's
 at the same SNR and noise.
 
@@ -30,7 +30,6 @@ This is a command-line script, so it prints its tables.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -50,18 +49,22 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402
 
-from pipelines.ivim.fit import (  # noqa: E402
+from pipelines._lab import cpu_session, sha256_file  # noqa: E402
+from pipelines._lab import write_manifest as write_model_manifest  # noqa: E402
+from pipelines.ivim.infer import (  # noqa: E402
+    B_MAX,
+    K_MAX,
+    K_MIN,
     LSQ_BOUNDS,
+    MODEL,
     FullLsqEstimator,
     IvimEstimator,
     IvimNetEstimator,
     IvimParams,
     SegmentedLsqEstimator,
-    make_session,
 )
-from pipelines.ivim.signal import (  # noqa: E402
+from pipelines.ivim.lab.signal import (  # noqa: E402
     BENCH_TEST_SEED,
-    K_MAX,
     SETTING_A_BVALUES,
     TEST_RANGES,
     NoiseType,
@@ -174,7 +177,7 @@ def fit_blocks(est: IvimEstimator, blocks: list[tuple[np.ndarray, np.ndarray, Tr
 
 def _retrain(seeds: list[int], steps: int | None, out_dir: Path) -> list[Path]:
     """Return model paths for ``seeds``, training (sequentially) those missing."""
-    from pipelines.ivim.train import TrainConfig  # torch only when training
+    from pipelines.ivim.lab.train import TrainConfig  # torch only when training
 
     want = steps or TrainConfig.steps
     paths = []
@@ -190,7 +193,7 @@ def _retrain(seeds: list[int], steps: int | None, out_dir: Path) -> list[Path]:
             cmd = [
                 sys.executable,
                 "-m",
-                "pipelines.ivim.train",
+                "pipelines.ivim.lab.train",
                 "--seed",
                 str(seed),
                 "--out",
@@ -214,17 +217,10 @@ _HEADER = (
 )
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_manifest(model: Path, manifest: Path, metrics: dict[str, Any], train_log: dict[str, Any]) -> None:
-    """Write the machine-readable manifest of the exported model.
+    """Write the machine-readable manifest of the exported model (:func:`pipelines._lab.write_manifest`).
+
+    The keys follow the order of the committed ``exported_models/ivim-net.json``.
 
     Parameters
     ----------
@@ -237,35 +233,21 @@ def write_manifest(model: Path, manifest: Path, metrics: dict[str, Any], train_l
     train_log : dict
         The ``ivim-net.train.json`` written by the training run of ``model``.
     """
-    import onnx
-
-    from pipelines.ivim.net import B_SCALE, MAX_POOL_FILL, OUTPUT_BOUNDS, OUTPUT_NAMES, REF_EPS
-
-    g = onnx.load(str(model)).graph
-
-    def io(values: list[onnx.ValueInfoProto]) -> list[dict[str, Any]]:
-        out = []
-        for v in values:
-            dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
-            out.append({"name": v.name, "shape": dims, "dtype": dtype})
-        return out
+    from pipelines.ivim.lab.net import B_SCALE, MAX_POOL_FILL, OUTPUT_BOUNDS, OUTPUT_NAMES, REF_EPS
 
     cfg = train_log["config"]
-    data = {
-        "name": "ivim-net",
-        "version": "1.0.0",
-        "file": model.name,
-        "sha256": sha256_file(model),
-        "inputs": io(list(g.input)),
-        "outputs": io(list(g.output)),
-        "preprocessing": {
+    write_model_manifest(
+        model,
+        manifest,
+        MODEL,
+        "1.0.0",
+        preprocessing={
             "k_max": K_MAX,
-            "k_min": 4,
-            "b_range_s_per_mm2": [0.0, 1000.0],
+            "k_min": K_MIN,
+            "b_range_s_per_mm2": [0.0, B_MAX],
             "padding": "entries beyond the protocol: signal 0, bvalues 0, mask 0",
             "mask": "1 = valid entry, 0 = padding",
-            "repeated_bvalues": "averaged before padding (pipelines.ivim.fit.merge_repeated_bvalues)",
+            "repeated_bvalues": "averaged before padding (pipelines.ivim.infer.merge_repeated_bvalues)",
             "order": "any (the network is permutation invariant)",
             "bvalues_unit": "s/mm2, raw (the graph divides by b_scale)",
             "b_scale": B_SCALE,
@@ -282,23 +264,22 @@ def write_manifest(model: Path, manifest: Path, metrics: dict[str, Any], train_l
                 "s0_over_reference": [round(v, 10) for v in OUTPUT_BOUNDS[3]],
             },
         },
-        "training": {
+        training={
             "command": train_log["command"],
             "seed": cfg["seed"],
             "steps": cfg["steps"],
             "batch": cfg["batch"],
             "train_seconds_single_thread": train_log["train_seconds"],
             "torch": train_log["torch_version"],
-            "data_generator": "pipelines.ivim.signal",
+            "data_generator": "pipelines.ivim.lab.signal",
             "parameters": train_log["distribution"],
             "loss": "MSE of parameters normalised to the output bounds, weights D, D*, f, S0 = "
             + ", ".join(str(w) for w in cfg["loss_weights"]),
             "onnx_max_abs_diff_vs_torch": train_log["onnx_max_abs_diff"],
         },
-        "metrics": metrics,
-        "thresholds": {"setting_a_snr20": dict(THRESHOLDS)},
-    }
-    manifest.write_text(json.dumps(data, indent=2) + "\n")
+        metrics=metrics,
+        thresholds={"setting_a_snr20": dict(THRESHOLDS)},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.manifest is not None and args.train_log is None:
         p.error("--manifest needs --train-log")
     n = args.voxels
-    net = IvimNetEstimator(make_session(args.model, threads=1))
+    net = IvimNetEstimator(cpu_session(args.model, threads=1))
     seg, full = SegmentedLsqEstimator(), FullLsqEstimator()
     print(f"model {args.model} sha256 {sha256_file(args.model)}")
     print(f"test seed {BENCH_TEST_SEED}; {n} voxels per SNR and noise type; onnxruntime CPU, 1 thread")
@@ -325,14 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     others: list[IvimNetEstimator] = []
     steps_note = ""
     if args.retrain_seeds > 0:
-        from pipelines.ivim.train import TrainConfig
+        from pipelines.ivim.lab.train import TrainConfig
 
         steps = args.retrain_steps or TrainConfig.steps
         steps_note = f"{args.retrain_seeds} retrainings, seeds 1..{args.retrain_seeds}, {steps} steps each" + (
             "" if steps == TrainConfig.steps else f" (REDUCED from the default {TrainConfig.steps})"
         )
         paths = _retrain(list(range(1, args.retrain_seeds + 1)), steps, args.retrain_dir)
-        others = [IvimNetEstimator(make_session(pth, threads=1)) for pth in paths]
+        others = [IvimNetEstimator(cpu_session(pth, threads=1)) for pth in paths]
 
     results: dict[str, Any] = {"setting_a": {}, "setting_b": {}, "seeds": {}}
     timing = {"net": [0.0, 0], "lsq-segmented": [0.0, 0], "lsq-full": [0.0, 0]}

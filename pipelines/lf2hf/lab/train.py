@@ -2,13 +2,13 @@
 
 Usage::
 
-    python -m pipelines.lf2hf.train --seed 1 --out DIR [--steps N]
+    python -m pipelines.lf2hf.lab.train --seed 1 --out DIR [--steps N]
 
 Training is deterministic for a given seed and step budget: one CPU thread,
 ``torch.use_deterministic_algorithms``, ``torch.manual_seed(seed)`` for the
 weights and numpy generators seeded from the seed for the data. The data are
-drawn fresh from :class:`pipelines.lf2hf.simulator.PairSampler` (augmented
-anatomy of :data:`~pipelines.lf2hf.simulator.TRAIN_SLICES`, every
+drawn fresh from :class:`pipelines.lf2hf.lab.simulator.PairSampler` (augmented
+anatomy of :data:`~pipelines.lf2hf.lab.simulator.TRAIN_SLICES`, every
 acquisition parameter random) into a pool of whole slices that is partly
 replaced every step; each step trains on random input patches (48 x 48 ->
 96 x 96) centred in the head. The prior the network is told is perturbed:
@@ -34,7 +34,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,10 +48,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from pipelines._lab import cpu_session, export_onnx  # noqa: E402
 from pipelines._training import step_with_ema  # noqa: E402
-from pipelines.lf2hf.net import SCALE, STRIDE, LF2HFNet, count_parameters  # noqa: E402
+from pipelines.lf2hf.lab.net import SCALE, STRIDE, LF2HFNet, count_parameters  # noqa: E402
+from pipelines.lf2hf.lab.simulator import RESERVED_SEEDS, PairSampler, SlicePair  # noqa: E402
 from pipelines.lf2hf.preprocess import COND_DIM, COND_FIELD_REF_T, head_mask, normalisation_scale, prepare_slice  # noqa: E402
-from pipelines.lf2hf.simulator import RESERVED_SEEDS, PairSampler, SlicePair  # noqa: E402
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
@@ -60,7 +60,6 @@ logger.addHandler(logging.NullHandler())
 ONNX_NAME = "lf2hf-net.onnx"
 LOG_NAME = "lf2hf-net.train.json"
 STATE_NAME = "lf2hf-net.state.pt"
-OPSET = 17
 INPUT_NAMES = ("image", "cond")
 OUTPUT_NAME = "image_2x"
 
@@ -97,7 +96,7 @@ class TrainConfig:
         Decay of the exponential moving average of the weights; the average
         is what gets validated and exported.
     widths, blocks : tuple of int
-        Network size, see :class:`pipelines.lf2hf.net.LF2HFNet`.
+        Network size, see :class:`pipelines.lf2hf.lab.net.LF2HFNet`.
     val_every : int
         Steps between validation evaluations.
     """
@@ -284,7 +283,7 @@ def train(cfg: TrainConfig) -> tuple[LF2HFNet, dict[str, object]]:
     return net, log
 
 
-def export_onnx(net: LF2HFNet, path: Path) -> float:
+def export_checked(net: LF2HFNet, path: Path) -> float:
     """Export to ONNX (dynamic batch, height, width) and check onnxruntime against torch.
 
     Parameters
@@ -301,37 +300,25 @@ def export_onnx(net: LF2HFNet, path: Path) -> float:
         onnxruntime and torch over simulated slices at two matrix sizes.
     """
     import onnx
-    import onnxruntime as ort
 
-    from pipelines.lf2hf.simulator import simulate_series
+    from pipelines.lf2hf.lab.simulator import simulate_series
 
-    net.eval()
     dummy = (torch.rand(2, 1, 32, 40), torch.rand(2, COND_DIM))
-    with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated but needs no onnxscript and
-        # gives a small, plain opset-17 graph; its warning is expected.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            net,
-            dummy,
-            str(path),
-            input_names=list(INPUT_NAMES),
-            output_names=[OUTPUT_NAME],
-            opset_version=OPSET,
-            dynamic_axes={"image": {0: "N", 2: "H", 3: "W"}, "cond": {0: "N"},
-                          OUTPUT_NAME: {0: "N", 2: "H2", 3: "W2"}},
-            dynamo=False,
-        )
+    export_onnx(
+        net,
+        dummy,
+        path,
+        input_names=INPUT_NAMES,
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={"image": {0: "N", 2: "H", 3: "W"}, "cond": {0: "N"}, OUTPUT_NAME: {0: "N", 2: "H2", 3: "W2"}},
+    )
     # The exporter loses the static channel axis of the output after the
     # residual Add; declare it so the graph documents itself.
     model = onnx.load(str(path))
     model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 1
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = cpu_session(path, threads=1)
     worst = 0.0
     for matrix, contrast in (((120, 112), "T1w"), ((128, 128), "T2w")):
         series = simulate_series([60, 80], matrix, 0.1, contrast, seed=12345)
@@ -346,6 +333,7 @@ def export_onnx(net: LF2HFNet, path: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: train, save the weights, export and check; 1 if the export disagrees."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, required=True)
@@ -360,10 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     # The weights first, so that a failed export does not lose the run.
     torch.save(net.state_dict(), args.out / STATE_NAME)
     onnx_path = args.out / ONNX_NAME
-    diff = export_onnx(net, onnx_path)
+    diff = export_checked(net, onnx_path)
     log["onnx_max_abs_diff"] = diff
     log["onnx_bytes"] = onnx_path.stat().st_size
-    log["command"] = "python -m pipelines.lf2hf.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    log["command"] = "python -m pipelines.lf2hf.lab.train " + " ".join(sys.argv[1:] if argv is None else argv)
     (args.out / LOG_NAME).write_text(json.dumps(log, indent=2))
     print(f"trained in {log['train_seconds']} s; wrote {onnx_path} ({log['onnx_bytes']} bytes)")
     print(f"onnxruntime vs torch max abs diff (normalised intensity): {diff:.2e}")

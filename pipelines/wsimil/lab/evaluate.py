@@ -2,9 +2,9 @@
 
 Usage::
 
-    python -m pipelines.wsimil.evaluate --models DIR [--n 200] [--base 10000000]
+    python -m pipelines.wsimil.lab.evaluate --models DIR [--n 200] [--base 10000000]
 
-Slides are synthetic (:class:`~pipelines.wsimil.scene.SlideScene`) with seeds
+Slides are synthetic (:class:`~pipelines.wsimil.lab.scene.SlideScene`) with seeds
 ``base + i``; the seed ranges are split so that no two uses share a slide:
 
 * training: :data:`TRAIN_SEEDS` (0 to 99,999);
@@ -16,7 +16,9 @@ Slide sizes and labels follow the training distribution: each side uniform in
 :data:`SIDE_UM_RANGE`, tumour requested on every other slide (the label is
 ``scene.has_tumour``, which the generator may turn off when a drawn tumour
 is too small to appear). Tiles come from
-:func:`~pipelines.wsimil.metrics.slide_tiles`, the inference tiling.
+:func:`~pipelines.wsimil.lab.metrics.slide_tiles`, the inference tiling. The
+thresholds are the pipeline's defaults (:class:`~pipelines.wsimil.options.WsiMilOptions`),
+so the figures describe the service as it is configured out of the box.
 """
 
 from __future__ import annotations
@@ -33,17 +35,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines.wsimil.infer import embed, make_session, mil_head
-from pipelines.wsimil.metrics import dice, roc_auc, slide_tiles
-from pipelines.wsimil.scene import SlideScene
+from pipelines._lab import cpu_session
+from pipelines.wsimil.infer import ENCODER, HEAD, embed, mil_head
+from pipelines.wsimil.lab.metrics import dice, roc_auc, slide_tiles
+from pipelines.wsimil.lab.scene import SlideScene
+from pipelines.wsimil.options import WsiMilOptions
 
 if TYPE_CHECKING:
     import onnxruntime
 
 __all__ = [
     "BENCH_BASE",
-    "ENCODER_NAME",
-    "HEAD_NAME",
     "HELDOUT_BASE",
     "SIDE_UM_RANGE",
     "TEST_BASE",
@@ -62,17 +64,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
 
-ENCODER_NAME = "wsi-mil-encoder"
-HEAD_NAME = "wsi-mil-head"
 TRAIN_SEEDS = range(0, 100_000)
 HELDOUT_BASE = 10_000_000
 BENCH_BASE = 20_000_000
 TEST_BASE = 30_000_000
 SIDE_UM_RANGE = (1200.0, 3000.0)
 # A tile is called tumour when its probability reaches this (the segmentation),
-# and a slide when its slide probability does.
-TILE_THRESHOLD = 0.5
-SLIDE_THRESHOLD = 0.5
+# and a slide when its slide probability does: the service's defaults.
+TILE_THRESHOLD = WsiMilOptions().tile_threshold
+SLIDE_THRESHOLD = WsiMilOptions().slide_threshold
 # Pass criteria of the model test (40 fresh slides, TEST_BASE): the project's
 # targets for slide AUC and Dice, and bounds on the other figures set with
 # room for the sampling spread of 40 slides (20 negative slides carry
@@ -233,11 +233,11 @@ def throughput(encoder_path: Path, head_path: Path, tiles: np.ndarray, repeats: 
     Returns
     -------
     dict
-        ``encoder_tiles_per_s`` (including :func:`~pipelines.wsimil.tiles.to_model_input`),
+        ``encoder_tiles_per_s`` (including :func:`~pipelines.wsimil.preprocess.to_model_input`),
         ``head_ms_per_1000_tiles`` and ``head_tiles_per_s``.
     """
-    enc = make_session(encoder_path, threads=1)
-    head = make_session(head_path, threads=1)
+    enc = cpu_session(encoder_path, threads=1)
+    head = cpu_session(head_path, threads=1)
     batch = np.resize(tiles, (256, *tiles.shape[1:]))
     embed(enc, batch)
     times = []
@@ -279,9 +279,9 @@ def evaluate(models: Path, n: int = 200, base: int = HELDOUT_BASE) -> dict[str, 
         :func:`summarise` of the slides, the seed range, the wall time and
         :func:`throughput`.
     """
-    enc_path, head_path = models / f"{ENCODER_NAME}.onnx", models / f"{HEAD_NAME}.onnx"
-    enc = make_session(enc_path, threads=1)
-    head = make_session(head_path, threads=1)
+    enc_path, head_path = models / f"{ENCODER}.onnx", models / f"{HEAD}.onnx"
+    enc = cpu_session(enc_path, threads=1)
+    head = cpu_session(head_path, threads=1)
     t0 = time.perf_counter()
     outcomes = []
     for i, o in enumerate(score_slides(enc, head, (make_scene(i, base) for i in range(n)))):

@@ -1,8 +1,8 @@
 """Protocol-agnostic IVIM set network (torch; used by training and export only).
 
 The network sees a voxel as a *set* of ``(b, signal)`` pairs, so one model
-serves any protocol of :data:`~pipelines.ivim.signal.K_MIN` to
-:data:`~pipelines.ivim.signal.K_MAX` b-values in ``[0, B_MAX]``, with or
+serves any protocol of :data:`~pipelines.ivim.infer.K_MIN` to
+:data:`~pipelines.ivim.infer.K_MAX` b-values in ``[0, B_MAX]``, with or
 without ``b = 0``, in any order. Inputs are padded to ``K_MAX`` and a mask
 marks the valid entries.
 
@@ -28,7 +28,8 @@ import logging
 import torch
 from torch import nn
 
-from pipelines.ivim.signal import K_MAX, TRAIN_RANGES
+from pipelines.ivim.infer import K_MAX
+from pipelines.ivim.lab.signal import TRAIN_RANGES
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())

@@ -1,8 +1,8 @@
 """The attention-MIL tumour network: a small tile encoder and a gated-attention head (torch).
 
-The encoder maps one RGB tile of :data:`~pipelines.wsimil.tiles.TILE_PX`
-pixels at :data:`~pipelines.wsimil.tiles.MODEL_MPP` um/pixel, values in
-[0, 1] (:func:`~pipelines.wsimil.tiles.to_model_input`), to an embedding
+The encoder maps one RGB tile of :data:`~pipelines.wsimil.preprocess.TILE_PX`
+pixels at :data:`~pipelines.wsimil.preprocess.MODEL_MPP` um/pixel, values in
+[0, 1] (:func:`~pipelines.wsimil.preprocess.to_model_input`), to an embedding
 ``h_k`` of :data:`EMBED_DIM` values. The head is the gated attention pooling
 of Ilse, Tomczak and Welling, "Attention-based deep multiple instance
 learning", ICML 2018 (their equation 9):

@@ -1,7 +1,8 @@
-"""IVIM parameter estimation: the ONNX network and least-squares baselines.
+"""IVIM parameter estimation, the model loop of the pipeline: voxels in, D, D*, f and S0 out.
 
 Three estimators share one interface, :class:`IvimEstimator`, and are picked
-by name with :func:`select_method`:
+by the ``method`` option (:data:`~pipelines.ivim.options.IvimMethod`) with
+:func:`select_method`:
 
 ``net``
     :class:`IvimNetEstimator`, the exported set network run by onnxruntime.
@@ -11,29 +12,66 @@ by name with :func:`select_method`:
     :class:`FullLsqEstimator`, the bounded bi-exponential fit initialised
     from the segmented one.
 
-Everything here is numpy (and onnxruntime for the network); the least-squares
-fits are vectorised over voxels, so a whole volume is fitted at once. Bounds
-of the least-squares fits are :data:`LSQ_BOUNDS`.
+All three run in the service, so everything here is numpy (and onnxruntime
+for the network); the least-squares fits are vectorised over voxels, so a
+whole volume is fitted at once. Bounds of the least-squares fits are
+:data:`LSQ_BOUNDS`. :func:`fit_maps` turns a masked volume into parameter
+maps with the estimator the options name.
+
+The protocol limits of the network (:data:`K_MIN`, :data:`K_MAX`,
+:data:`B_MAX`) live here because the service checks every series against
+them; the lab's simulator (:mod:`pipelines.ivim.lab.signal`) draws its
+training protocols within the same limits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from pipelines.ivim.signal import B_MAX, K_MAX, K_MIN
+from gateway.contract import InputError, RunContext
+from pipelines.ivim.options import METHODS, IvimMethod
 
 if TYPE_CHECKING:
     import onnxruntime
 
+    from pipelines.ivim.preprocess import DwiVolume
+
+__all__ = [
+    "B_MAX",
+    "K_MAX",
+    "K_MIN",
+    "LSQ_BOUNDS",
+    "MAP_KEYS",
+    "MODEL",
+    "NET_BATCH",
+    "FullLsqEstimator",
+    "IvimEstimator",
+    "IvimNetEstimator",
+    "IvimParams",
+    "SegmentedLsqEstimator",
+    "fit_maps",
+    "merge_repeated_bvalues",
+    "method_description",
+    "select_method",
+]
+
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
 
+#: Manifest name of the exported network (``exported_models/ivim-net.json``).
+MODEL = "ivim-net"
+#: Largest number of b-values a protocol may have (network input width).
+K_MAX: int = 20
+#: Smallest number of distinct b-values the network is trained for.
+K_MIN: int = 4
+#: Largest b-value (s/mm²) the network is trained for.
+B_MAX: float = 1000.0
 #: Bounds of the least-squares fits: D and D* in mm²/s; S0 relative to the
 #: largest signal of the voxel. D* starts where D ends so the two
 #: compartments cannot swap.
@@ -49,14 +87,6 @@ SEGMENTED_B_THRESHOLD: float = 200.0
 NET_BATCH: int = 65536
 #: Tolerance on the b-value range accepted by the network (s/mm²).
 _B_TOL: float = 1e-6
-
-
-class IvimMethod(str, Enum):
-    """Names of the available IVIM estimators."""
-
-    NET = "net"
-    LSQ_SEGMENTED = "lsq-segmented"
-    LSQ_FULL = "lsq-full"
 
 
 @dataclass
@@ -132,34 +162,11 @@ def _check_protocol(bvalues: np.ndarray) -> None:
         raise ValueError(f"b-values must lie in [0, {B_MAX:g}] s/mm2, got [{bvalues.min():g}, {bvalues.max():g}]")
 
 
-def make_session(path: str | Path, threads: int = 1) -> "onnxruntime.InferenceSession":
-    """Open an ONNX model on the CPU with a fixed number of threads.
-
-    Parameters
-    ----------
-    path : str or pathlib.Path
-        The ``.onnx`` file.
-    threads : int
-        Intra- and inter-op threads.
-
-    Returns
-    -------
-    onnxruntime.InferenceSession
-        The session.
-    """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 class IvimNetEstimator:
     """Run the exported IVIM set network.
 
     The ONNX graph does its own normalisation (see
-    :mod:`pipelines.ivim.net`); this wrapper merges repeated b-values, checks
+    :mod:`pipelines.ivim.lab.net`); this wrapper merges repeated b-values, checks
     the protocol, pads to ``K_MAX`` with ``b = 0``, ``signal = 0`` and
     ``mask = 0``, and runs the voxels in batches of :data:`NET_BATCH`.
     Voxels with a non-finite signal get NaN parameters.
@@ -476,15 +483,69 @@ def select_method(
     ValueError
         For an unknown name, or ``"net"`` without a session.
     """
-    try:
-        method = IvimMethod(name)
-    except ValueError:
-        known = ", ".join(m.value for m in IvimMethod)
-        raise ValueError(f"unknown IVIM method {name!r}; expected one of: {known}") from None
-    if method is IvimMethod.NET:
+    if name not in METHODS:
+        known = ", ".join(METHODS)
+        raise ValueError(f"unknown IVIM method {name!r}; expected one of: {known}")
+    if name == "net":
         if session is None:
             raise ValueError("the 'net' IVIM method needs an onnxruntime session")
         return IvimNetEstimator(session, batch=batch)
-    if method is IvimMethod.LSQ_SEGMENTED:
+    if name == "lsq-segmented":
         return SegmentedLsqEstimator()
     return FullLsqEstimator()
+
+
+#: Keys of the parameter maps :func:`fit_maps` returns, in :class:`IvimParams` order.
+MAP_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(IvimParams))
+
+
+def fit_maps(volume: DwiVolume, mask: np.ndarray, method: IvimMethod, ctx: RunContext) -> dict[str, np.ndarray]:
+    """Fit every voxel inside ``mask`` and return one map per parameter.
+
+    Parameters
+    ----------
+    volume : DwiVolume
+        Trace-weighted signals ``[slices, b, rows, cols]`` and their b-values.
+    mask : numpy.ndarray
+        ``[slices, rows, cols]``, True where a voxel is fitted.
+    method : IvimMethod
+        The estimator; ``"net"`` runs ``ctx.sessions["ivim-net"]`` in batches
+        of ``ctx.batch_size("ivim-net", NET_BATCH)`` voxels.
+    ctx : RunContext
+        Sessions, batch sizes and the job's logger.
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        :data:`MAP_KEYS` -> float32 ``[slices, rows, cols]``. Background and
+        voxels the estimator could not fit (NaN or infinite estimates) are 0,
+        and negative estimates are clipped to 0, so every map is a valid
+        non-negative quantity for the DICOM writers.
+
+    Raises
+    ------
+    InputError
+        If the protocol is outside what the method supports (for example
+        more than 20 b-values for the network): rerunning cannot help.
+    """
+    z, k, rows, cols = volume.signals.shape
+    voxels = volume.signals.transpose(0, 2, 3, 1)[mask]  # [N, K]
+    ctx.log.info("fitting %d voxels on %d b-values with %s", voxels.shape[0], k, method)
+    maps = {key: np.zeros((z, rows, cols), np.float32) for key in MAP_KEYS}
+    if voxels.shape[0]:
+        try:
+            estimator = select_method(method, ctx.sessions.get(MODEL), batch=ctx.batch_size(MODEL, NET_BATCH))
+            params = estimator.fit(voxels.astype(np.float32), volume.bvalues)
+        except ValueError as exc:  # protocol outside what the method supports
+            raise InputError(str(exc)) from None
+        for key in MAP_KEYS:
+            values = np.nan_to_num(getattr(params, key), nan=0.0, posinf=0.0, neginf=0.0)
+            maps[key][mask] = np.maximum(values, 0.0)
+    return maps
+
+
+def method_description(method: IvimMethod, model_versions: Mapping[str, str]) -> str:
+    """How the maps were made, for Series and Content Descriptions: the method, and the model version for "net"."""
+    if method == "net":
+        return f"{method} {MODEL} {model_versions.get(MODEL, '?')}"
+    return method

@@ -1,0 +1,21 @@
+"""What of the IVIM pipeline is never imported by the service: it makes and checks the model.
+
+``signal``
+    the IVIM signal equation, the seeded simulator and the training
+    distribution (numpy only);
+``net``
+    the set network (torch);
+``train``
+    ``python -m pipelines.ivim.lab.train``: trains the network on simulated
+    signals and exports it to ONNX;
+``bench``
+    ``python -m pipelines.ivim.lab.bench``: the held-out benchmark against
+    least squares, and the manifest writer;
+``synthetic``
+    abdominal DWI phantom studies written as DICOM (demo, tests);
+``preview``
+    the pictures of ``aigw demo``.
+
+Lab modules may import the runtime modules; the runtime imports lab only
+inside the demo hooks of :class:`~pipelines.ivim.pipeline.IvimPipeline`.
+"""
