@@ -14,6 +14,7 @@ from gateway.contract import Identity, InputError, Instance, RunContext, Series
 from gateway.headers import routing_headers
 from gateway.uids import derived_uid
 from pipelines._lab import cpu_session
+from pipelines.lf2hf.dicom import AI_LABEL, PRESERVED_LABEL
 from pipelines.lf2hf.lab.synthetic import write_lowfield_series
 from pipelines.lf2hf.options import Lf2hfOptions
 from pipelines.lf2hf.pipeline import Lf2hfPipeline
@@ -77,12 +78,13 @@ def test_derived_series_geometry_validity_and_consistency(lowfield: list[Path], 
         assert [float(v) for v in ds.PixelSpacing] == pytest.approx([float(v) / 2 for v in src.PixelSpacing])
         assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID
         assert ds.ImageOrientationPatient == src.ImageOrientationPatient
-        # The centre of the image stays where it was: first pixel centre moves a quarter pixel.
-        sr, sc = (float(v) for v in src.PixelSpacing)
-        expected = np.array([float(v) for v in src.ImagePositionPatient]) - [sc / 4, sr / 4, 0]
+        # Zero-filled k-space grid: fine pixel 2j is acquired pixel j, so the first pixel stays where it was.
+        expected = np.array([float(v) for v in src.ImagePositionPatient])
         assert np.allclose([float(v) for v in ds.ImagePositionPatient], expected, atol=1e-3)
         assert ds.ImageType[:2] == ["DERIVED", "SECONDARY"]
-        assert ds.SeriesDescription.startswith("AI-enhanced")
+        # In domain (a simulated low-field brain): the gate lets the AI contrast translation run, and says so.
+        assert ds.SeriesDescription.startswith(AI_LABEL)
+        assert "3 T-like contrast" in ds.DerivationDescription and "domain gate passed" in ds.DerivationDescription
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
         assert "consistency score" in ds.ImageComments
         path = tmp_path / f"out{k}.dcm"
@@ -132,7 +134,8 @@ def test_contrast_option_overrides_the_guess(lowfield: list[Path]) -> None:
     auto = Lf2hfPipeline().run(series, ctx)[0]
     told = Lf2hfPipeline(Lf2hfOptions(contrast="T2w")).run(series, ctx)[0]
     assert "T1w input" in auto.DerivationDescription and "T2w input" in told.DerivationDescription
-    # The weighting is part of the network's conditioning, so the pixels change too.
+    # The weighting is part of the network's conditioning (or, told a weighting the images do not
+    # fit, the gate turns the series away), so the pixels change too.
     assert not np.array_equal(auto.pixel_array, told.pixel_array)
 
 
@@ -144,6 +147,9 @@ def test_contrast_option_overrides_the_guess(lowfield: list[Path]) -> None:
         {"assume_field_t": 0.001},
         {"assume_field_t": "strong"},
         {"contrast": "PD"},
+        {"translate_contrast": "always"},
+        {"out_of_domain": "flagged"},
+        {"max_residual_to_noise": 0.0},
         {"field_t": 0.064},  # unknown key (a misspelt assume_field_t)
     ],
 )
@@ -162,4 +168,69 @@ def test_end_to_end_enhanced_series_arrives_in_orthanc(
                     "enhanced series in Orthanc")
     assert len(uids) == len(lowfield)
     (series,) = orthanc.get("/series")
-    assert orthanc.get(f"/series/{series}")["MainDicomTags"]["SeriesDescription"].startswith("AI-enhanced")
+    assert orthanc.get(f"/series/{series}")["MainDicomTags"]["SeriesDescription"].startswith(AI_LABEL)
+
+
+def _shoulder_series(field_t: float, folder: Path) -> tuple[Series, np.ndarray, np.ndarray]:
+    """The real shoulder (pydicom-data MR2_UNCR, validation only) degraded at ``field_t``: series, truth, input."""
+    from pipelines.lf2hf.lab.bench import OOD_SEED, ood_degrade, ood_series_file, ood_truth
+
+    truth = ood_truth("MR2_UNCR.dcm")
+    y, _ = ood_degrade(truth, field_t, np.random.default_rng([OOD_SEED, int(field_t * 1000)]))
+    return as_series([ood_series_file("MR2_UNCR.dcm", y, field_t, folder)]), truth, y
+
+
+@pytest.mark.parametrize("field_t", [0.064, 0.3, 0.55])
+def test_real_shoulder_is_no_worse_than_bicubic_and_keeps_its_contrast(field_t: float, tmp_path: Path) -> None:
+    pytest.importorskip("scipy")
+    from pipelines.lf2hf.lab.bench import bicubic
+    from pipelines.lf2hf.lab.metrics import psnr_masked
+    from pipelines.lf2hf.preprocess import head_mask, normalisation_scale
+
+    series, truth, y = _shoulder_series(field_t, tmp_path)
+    ctx, flags = context()
+    (ds,) = Lf2hfPipeline().run(series, ctx)
+    assert ds.SeriesDescription.startswith(PRESERVED_LABEL), ds.SeriesDescription
+    assert "no AI contrast translation" in ds.DerivationDescription
+    assert ("out_of_domain", 1) in flags
+    truth_n, mask, s_in = truth / normalisation_scale(truth), head_mask(truth), normalisation_scale(y)
+    gain = psnr_masked(ds.pixel_array / s_in, truth_n, mask) - psnr_masked(bicubic(y / s_in), truth_n, mask)
+    assert gain >= 0.0, f"{field_t} T: {gain:+.2f} dB against bicubic"
+
+
+def test_gate_never_sends_a_translated_image_of_an_out_of_domain_series(tmp_path: Path) -> None:
+    from pipelines.lf2hf.infer import enhance, residual_to_noise
+
+    series, _, y = _shoulder_series(0.3, tmp_path)
+    ctx, flags = context()
+    (ds,) = Lf2hfPipeline().run(series, ctx)
+    # What the network alone would have made of it: brain contrast that the acquisition does not support.
+    net = enhance(ctx.sessions["lf2hf-net"], y, 0.3, "T1w")
+    assert residual_to_noise(net, y)[0] > 5 * residual_to_noise(ds.pixel_array.astype(np.float32), y)[0]
+    assert "AI_ENHANCED" not in ds.ImageType
+    # Told to give no result instead: a clear permanent failure, counted, and nothing to send.
+    ctx, flags = context()
+    with pytest.raises(InputError, match="no result: .*intensity distribution"):
+        Lf2hfPipeline(Lf2hfOptions(out_of_domain="no_result")).run(series, ctx)
+    assert ("no_result", 1) in flags
+    # A body part the model never saw is turned away from its headers alone.
+    ds_src = dcmread(series.instances[0].path)
+    ds_src.BodyPartExamined = "KNEE"
+    knee = tmp_path / "knee.dcm"
+    ds_src.save_as(knee)
+    (out,) = Lf2hfPipeline().run(as_series([knee]), context()[0])
+    assert "body part KNEE" in out.DerivationDescription
+
+
+def test_translation_off_and_a_brain_stays_consistent(lowfield: list[Path]) -> None:
+    from pipelines.lf2hf.infer import residual_to_noise
+    from pipelines.lf2hf.preprocess import read_slices
+
+    ctx, flags = context()
+    out = Lf2hfPipeline(Lf2hfOptions(translate_contrast="never")).run(as_series(lowfield), ctx)
+    assert all(ds.SeriesDescription == f"{PRESERVED_LABEL} (translation off)" for ds in out)
+    assert not flags  # a site's choice, not an event
+    acquired, _, _ = read_slices(as_series(lowfield))
+    ratio = residual_to_noise(np.stack([ds.pixel_array.astype(np.float32) for ds in out]), acquired)
+    assert np.all(ratio < 1.5), ratio  # consistent with the acquired k-space to the noise level
+    assert np.all(ratio > 0.2), ratio  # and it did denoise: it is not the zero-filled input

@@ -8,11 +8,13 @@ from pydantic import Field
 
 from gateway.contract import PipelineOptions
 
-__all__ = ["ACCEPTED_FIELD_RANGE_T", "Lf2hfOptions"]
+__all__ = ["ACCEPTED_FIELD_RANGE_T", "DOMAIN_BODY_PARTS", "Lf2hfOptions"]
 
 #: Field strengths (T) a run accepts at all: outside it the physics the model
 #: learnt (low-field relaxation and noise) says nothing about the series.
 ACCEPTED_FIELD_RANGE_T: tuple[float, float] = (0.01, 1.5)
+#: BodyPartExamined (0018,0015) values of the network's domain (PS3.16 CID 4030 defined terms).
+DOMAIN_BODY_PARTS: tuple[str, ...] = ("BRAIN", "HEAD", "SKULL")
 
 
 class Lf2hfOptions(PipelineOptions):
@@ -41,4 +43,27 @@ class Lf2hfOptions(PipelineOptions):
         "auto",
         description='Weighting told to the network: "auto" (from the series description, else the echo time), '
         '"T1w" or "T2w".',
+    )
+    translate_contrast: Literal["auto", "never"] = Field(
+        "auto",
+        description='"auto": the AI 3 T-like contrast translation runs on series the domain gate accepts (brain '
+        'spin echo, known weighting, consistent output), the others get the contrast-preserving result; '
+        '"never": every series gets the contrast-preserving result (TV denoising and 2x).',
+    )
+    out_of_domain: Literal["contrast_preserving", "no_result"] = Field(
+        "contrast_preserving",
+        description="What a series the domain gate turns away gets: the contrast-preserving result (labelled so in "
+        'its Series Description), or "no_result": the job fails with the reason and nothing goes to PACS.',
+    )
+    domain_body_parts: tuple[str, ...] = Field(
+        DOMAIN_BODY_PARTS,
+        description="BodyPartExamined values the contrast translation accepts; a series naming another body part "
+        "gets the contrast-preserving result. A series without the attribute is judged from its images.",
+    )
+    max_residual_to_noise: float = Field(
+        1.5,
+        gt=0.0,
+        description="Largest rms of (output taken back to the acquired grid - acquired) over the noise sigma "
+        "estimated from the image, for a contrast-preserving slice; above it the job fails with that reason "
+        "(the reconstruction does not explain the data). About 0.5 to 1 for a good result.",
     )
