@@ -2,8 +2,9 @@
 # scale-out worker (`aigw worker`, [jobs] executor = "celery") from one image.
 #
 #   docker build -t aigw:0.1.0 .
-#   docker run -d -p 11112:11112 -p 9110:9110 -v aigw-data:/data aigw:0.1.0             # CPU
-#   docker run -d --gpus all -p 11112:11112 -p 9110:9110 -v aigw-data:/data aigw:0.1.0  # GPU
+#   openssl rand -hex 32 > metrics-token && chmod 644 metrics-token   # the bearer token of /metrics
+#   docker run -d -p 11112:11112 -p 9110:9110 -v aigw-data:/data \
+#     -v "$PWD/metrics-token:/run/secrets/aigw-metrics-token:ro" aigw:0.1.0              # CPU (--gpus all: GPU)
 #   docker run --rm -v "$PWD/aigw.toml:/etc/aigw/aigw.toml:ro" aigw:0.1.0 config check --config /etc/aigw/aigw.toml
 #
 # GPU: onnxruntime-gpu from PyPI is built for one CUDA major. 1.31.1 (ORT_VERSION)
@@ -103,9 +104,17 @@ RUN groupadd --system --gid 10001 aigw \
 # Container defaults. Environment beats the configuration file, so these win
 # over a mounted aigw.toml; pass an empty value (-e AIGW_DATA_DIR=) to let the
 # file decide. The data dir is the volume; metrics, /healthz and /readyz must
-# listen on all interfaces to be reachable from outside the container.
+# listen on all interfaces to be reachable from outside the container, so
+# /metrics asks for the bearer token in /run/secrets/aigw-metrics-token (a
+# Docker or Kubernetes secret; without it every scrape gets 401, the probes
+# stay open). DICOM accepts callers from private networks only (RFC 1918; a
+# published port keeps the caller's address): set AIGW_ALLOW_HOSTS to the
+# scanner networks, and AIGW_ALLOW_AE to their AE titles.
 ENV AIGW_DATA_DIR=/data \
-    AIGW_METRICS_HOST=0.0.0.0
+    AIGW_METRICS_HOST=0.0.0.0 \
+    AIGW_METRICS_AUTH=bearer \
+    AIGW_METRICS_CREDENTIAL_FILE=/run/secrets/aigw-metrics-token \
+    AIGW_ALLOW_HOSTS=10.0.0.0/8,172.16.0.0/12,192.168.0.0/16
 
 USER 10001:10001
 WORKDIR /data

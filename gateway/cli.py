@@ -148,6 +148,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_config(s)
     s.add_argument("series_uid")
 
+    p = sub.add_parser("dicomweb", help="DICOMweb (STOW-RS) receiver tools")
+    wsub = p.add_subparsers(dest="action", required=True)
+    wsub.add_parser(
+        "hash-token", help="print the sha256 of a bearer token read from stdin, for [[dicomweb.tokens]] sha256"
+    )
+
     p = sub.add_parser("models", help="exported models")
     msub = p.add_subparsers(dest="action", required=True)
     for name, helptext in (
@@ -194,7 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "destinations": [parse_destination(d) for d in args.destination],
     }
     cfg = _load(args, overrides)
-    _logging.configure(cfg.logging.level, cfg.logging.format)
+    _logging.configure(cfg.logging.level, cfg.logging.format, cfg.logging.third_party_level)
     Gateway(cfg).serve_forever()
     return 0
 
@@ -210,7 +216,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
     if args.concurrency is not None and args.concurrency < 1:
         raise ConfigError(f"--concurrency {args.concurrency}: at least 1")
-    _logging.configure(cfg.logging.level, cfg.logging.format)
+    _logging.configure(cfg.logging.level, cfg.logging.format, cfg.logging.third_party_level)
     from gateway.distributed import run_worker
 
     return run_worker(cfg, args.device or ["cpu"], args.concurrency, args.metrics_port)
@@ -449,6 +455,19 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_dicomweb_hash_token(args: argparse.Namespace) -> int:
+    from gateway.dicomweb import hash_token
+
+    # From stdin, never argv: a token on the command line ends up in shell history and ps.
+    token = sys.stdin.readline().strip()
+    if not token:
+        print("error: no token on stdin (e.g. `openssl rand -hex 32 | tee token | aigw dicomweb hash-token`)",
+              file=sys.stderr)
+        return 2
+    print(hash_token(token))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.apps.demo import run_demo
 
@@ -475,6 +494,7 @@ _COMMANDS = {
     ("deadletter", "list"): cmd_deadletter_list,
     ("deadletter", "retry"): cmd_deadletter_retry,
     ("series", "complete"): cmd_series_complete,
+    ("dicomweb", "hash-token"): cmd_dicomweb_hash_token,
     ("models", "list"): cmd_models,
     ("models", "verify"): cmd_models,
 }

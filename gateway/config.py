@@ -30,9 +30,11 @@ __all__ = [
     "Config",
     "ConfigError",
     "Destination",
+    "DestinationType",
     "DeviceClass",
     "ENV_VARS",
     "LatePolicy",
+    "MetricsAuth",
     "Route",
     "SelectorMode",
     "UnroutedPolicy",
@@ -165,15 +167,78 @@ class Route(_Strict):
     _ae = field_validator("calling_ae")(lambda cls, v: [_check_ae(x) for x in v])
 
 
+class DestinationType(str, Enum):
+    """How results reach a destination."""
+
+    DIMSE = "dimse"  # C-STORE SCU (PS3.4 B, PS3.7 9.1.1)
+    DICOMWEB = "dicomweb"  # STOW-RS (PS3.18 10.5)
+
+
+_DIMSE_KEYS = ("ae_title", "host", "port")
+_DICOMWEB_KEYS = (
+    "url", "token_env", "username", "password_env", "batch_size", "timeout_seconds", "ca_file", "verify",
+)  # fmt: skip
+
+
 class Destination(_Strict):
-    """A DICOM node that receives results (C-STORE SCP)."""
+    """A node that receives results: a C-STORE SCP (``type = "dimse"``) or a STOW-RS service (``"dicomweb"``)."""
 
     name: str = Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    type: DestinationType = Field(default=DestinationType.DIMSE, description="dimse (C-STORE) or dicomweb (STOW-RS)")
+    ae_title: str | None = Field(default=None, description="dimse: the called AE title")
+    host: str | None = Field(default=None, description="dimse: host name or address")
+    port: int | None = Field(default=None, ge=1, le=65535, description="dimse: TCP port")
+    url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/?#\s]+[^?#\s]*$",
+        description="dicomweb: base URL of the service; instances are POSTed to <url>/studies",
+    )
+    token_env: str | None = Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="dicomweb: env variable holding a bearer token"
+    )
+    username: str | None = Field(default=None, min_length=1, description="dicomweb: user name for basic auth")
+    password_env: str | None = Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="dicomweb: env variable holding the password"
+    )
+    batch_size: int = Field(default=16, ge=1, le=1000, description="dicomweb: instances per STOW-RS request")
+    timeout_seconds: float | None = Field(
+        default=None, gt=0, description="dicomweb: connect and read timeout; default send.timeout_seconds"
+    )
+    ca_file: Path | None = Field(default=None, description="dicomweb: CA bundle (PEM) to verify an https server")
+    verify: bool = Field(default=True, description="dicomweb: verify the https server's certificate and host name")
 
-    _ae = field_validator("ae_title")(lambda cls, v: _check_ae(v))
+    _ae = field_validator("ae_title")(lambda cls, v: v if v is None else _check_ae(v))
+
+    @model_validator(mode="after")
+    def _fields_of_type(self) -> Destination:
+        # Refuse keys of the other type rather than ignore them: a dicomweb
+        # destination with a port, or a dimse one with a url, is a typo.
+        own, other = (
+            (_DIMSE_KEYS, _DICOMWEB_KEYS) if self.type == DestinationType.DIMSE else (_DICOMWEB_KEYS, _DIMSE_KEYS)
+        )
+        wrong = [k for k in other if getattr(self, k) != type(self).model_fields[k].default]
+        if wrong:
+            raise ValueError(
+                f"{', '.join(wrong)}: not a key of a {self.type.value} destination (its keys: {', '.join(own)})"
+            )
+        if self.type == DestinationType.DIMSE:
+            missing = [k for k in _DIMSE_KEYS if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"a dimse destination needs {', '.join(missing)} (or type = 'dicomweb' and url)")
+            return self
+        if self.url is None:
+            raise ValueError("a dicomweb destination needs url, e.g. 'http://pacs:8042/dicom-web'")
+        if "@" in self.url.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError("url: no credentials in the url; use token_env or username + password_env")
+        if self.token_env and (self.username or self.password_env):
+            raise ValueError("token_env (bearer) and username/password_env (basic) exclude each other")
+        if bool(self.username) != bool(self.password_env):
+            raise ValueError("basic auth needs both username and password_env (the password never goes in the file)")
+        if not self.url.startswith("https://") and (self.ca_file is not None or not self.verify):
+            raise ValueError("ca_file and verify apply to an https:// url only")
+        if self.ca_file is not None and not self.verify:
+            raise ValueError("ca_file with verify = false: the CA file would not be used")
+        return self
 
 
 class GatewaySettings(_Strict):
@@ -194,6 +259,28 @@ class GatewaySettings(_Strict):
         default=2 * 1024**3, ge=0, description="refuse new instances (0xA700) under this free space"
     )
     network_timeout_seconds: float = Field(default=60, gt=0)
+    artim_timeout_seconds: float = Field(
+        default=30,
+        gt=0,
+        le=600,
+        description="ARTIM (PS3.8 9.1.5): a connection must send a whole A-ASSOCIATE-RQ this soon after it is "
+        "accepted, and a rejected or released peer must close this soon",
+    )
+    idle_timeout_seconds: float = Field(
+        default=60,
+        gt=0,
+        description="an established association that sends nothing this long, or takes longer to send one PDU, "
+        "is aborted",
+    )
+    max_connections: int = Field(
+        default=256,
+        ge=1,
+        le=10_000,
+        description="TCP connections at once, negotiating or associated; more are closed at once (counted)",
+    )
+    max_connections_per_address: int = Field(
+        default=32, ge=1, le=10_000, description="TCP connections at once from one source address"
+    )
 
     _ae = field_validator("ae_title")(lambda cls, v: _check_ae(v))
     _allow = field_validator("allow_ae")(lambda cls, v: [_check_ae(x) for x in v])
@@ -216,6 +303,13 @@ class CompletionSettings(_Strict):
     )
     hint_quiet_seconds: float = Field(
         default=1.0, ge=0, description="when a count hint says the series is whole, complete this soon"
+    )
+    abort_grace_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        le=86400,
+        description="after an aborted or cut association, and for every open series after a restart, complete"
+        " no sooner than this: a sender that resumes keeps the series open, so one series gives one result",
     )
     late_instances: LatePolicy = LatePolicy.REPROCESS
     unrouted: UnroutedPolicy = UnroutedPolicy.KEEP
@@ -265,10 +359,46 @@ class SendSettings(_Strict):
     max_pdu_bytes: int = Field(default=262_144, ge=4096)
 
 
+class MetricsAuth(str, Enum):
+    """How ``/metrics`` checks its scraper (``/healthz`` and ``/readyz`` stay open for probes)."""
+
+    NONE = "none"
+    BASIC = "basic"  # RFC 7617: Authorization: Basic base64(username:secret)
+    BEARER = "bearer"  # RFC 6750: Authorization: Bearer secret
+
+
 class MetricsSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=9110, ge=0, le=65535, description="0: pick a free port")
     enabled: bool = True
+    auth: MetricsAuth = Field(
+        default=MetricsAuth.NONE,
+        description="'none', 'basic' or 'bearer': what /metrics asks of its scraper; turn it on when host is not "
+        "loopback (/healthz and /readyz stay open for probes)",
+    )
+    username: str = Field(default="prometheus", description="the user name of basic auth")
+    credential_sha256: str | None = Field(
+        default=None,
+        description="hex SHA-256 of the bearer token or basic password (printf %s TOKEN | sha256sum); the "
+        "secret itself never goes in this file",
+    )
+    credential_file: Path | None = Field(
+        default=None,
+        description="a file holding the token or password itself (a Docker or Kubernetes secret), read at each "
+        "authenticated request, so a rotated secret applies at once; missing: every scrape gets 401",
+    )
+    cache_seconds: float = Field(
+        default=5,
+        ge=0,
+        description="index-derived gauges (queue depth, backlog, dead letters, free space) are refreshed at most "
+        "this often, however often /metrics is scraped",
+    )
+    max_connections: int = Field(
+        default=32, ge=1, le=1024, description="open HTTP connections at most; the oldest unfinished one makes room"
+    )
+    read_timeout_seconds: float = Field(
+        default=10, gt=0, le=300, description="time a client has to send its request, and to read the answer"
+    )
     max_silence_seconds: float = Field(
         default=0,
         ge=0,
@@ -279,6 +409,64 @@ class MetricsSettings(_Strict):
         description="alert when no GPU answers (aigw_gpu_expected); unset: expected if models.providers names "
         "CUDA or TensorRT",
     )
+
+    @field_validator("credential_sha256")
+    @classmethod
+    def _sha256(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", v.strip()):
+            raise ValueError("64 hexadecimal digits (printf %s TOKEN | sha256sum), not the secret itself")
+        return v.strip().lower() if v is not None else None
+
+    @model_validator(mode="after")
+    def _credential(self) -> MetricsSettings:
+        given = (self.credential_sha256 is not None) + (self.credential_file is not None)
+        if self.auth != MetricsAuth.NONE and given != 1:
+            raise ValueError(f"auth = '{self.auth.value}' needs exactly one of credential_sha256 and credential_file")
+        return self
+
+
+class DicomWebToken(_Strict):
+    """One bearer token of the DICOMweb endpoint, stored only as its SHA-256 (``aigw dicomweb hash-token``)."""
+
+    source: str = Field(
+        description="the sender's name for this token: stored as the instance's calling AE, matched by routes' "
+        "calling_ae and [gateway] allow_ae"
+    )
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the token (lower case)")
+
+    _ae = field_validator("source")(lambda cls, v: _check_ae(v))
+
+
+class DicomWebSettings(_Strict):
+    """The DICOMweb STOW-RS receiver (PS3.18 10.5): ``POST /studies``, in the service's process."""
+
+    enabled: bool = False
+    host: str = Field(default="127.0.0.1", description="listen address; loopback unless exposed on purpose")
+    port: int = Field(default=8043, ge=0, le=65535, description="0: pick a free port")
+    tokens: list[DicomWebToken] = Field(default_factory=list, description="accepted bearer tokens, hashed")
+    allow_anonymous: bool = Field(default=False, description="accept requests without Authorization")
+    anonymous_source: str = Field(default="ANONYMOUS", description="source name of anonymous requests")
+    tls_cert: Path | None = Field(default=None, description="PEM certificate: serve HTTPS (with tls_key)")
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert")
+    max_request_bytes: int = Field(
+        default=8 * 1024**3, ge=1024, description="a larger request body is refused with 413, nothing stored"
+    )
+    request_timeout_seconds: float = Field(
+        default=60, gt=0, description="longest wait for the next piece of a request body; then 408 and close"
+    )
+
+    _anon = field_validator("anonymous_source")(lambda cls, v: _check_ae(v))
+
+    @model_validator(mode="after")
+    def _usable(self) -> DicomWebSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.enabled and not self.tokens and not self.allow_anonymous:
+            raise ValueError("enabled without tokens would refuse every request: add tokens or allow_anonymous")
+        hashes = [t.sha256 for t in self.tokens]
+        if len(set(hashes)) != len(hashes):
+            raise ValueError("tokens: the same sha256 twice")
+        return self
 
 
 class IdentitySettings(_Strict):
@@ -333,6 +521,11 @@ class PipelineSettings(BaseModel):
 class LoggingSettings(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
+    third_party_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="WARNING",
+        description="level of highdicom, pydicom and pynetdicom: below WARNING they log source UIDs and "
+        "association details (for debugging on test data only)",
+    )
 
 
 class Config(_Strict):
@@ -343,6 +536,7 @@ class Config(_Strict):
     jobs: JobSettings = Field(default_factory=JobSettings)
     send: SendSettings = Field(default_factory=SendSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    dicomweb: DicomWebSettings = Field(default_factory=DicomWebSettings)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
@@ -429,10 +623,14 @@ ENV_VARS: Mapping[str, str] = {
     "AIGW_DATA_DIR": "gateway.data_dir",
     "AIGW_DATABASE_URL": "gateway.database_url",
     "AIGW_ALLOW_AE": "gateway.allow_ae",  # comma separated
+    "AIGW_ALLOW_HOSTS": "gateway.allow_hosts",  # comma separated addresses or CIDR blocks
     "AIGW_MIN_FREE_BYTES": "gateway.min_free_bytes",
     "AIGW_SERIES_TIMEOUT": "completion.series_timeout_seconds",
     "AIGW_METRICS_HOST": "metrics.host",
     "AIGW_METRICS_PORT": "metrics.port",
+    "AIGW_METRICS_AUTH": "metrics.auth",
+    "AIGW_METRICS_CREDENTIAL_SHA256": "metrics.credential_sha256",
+    "AIGW_METRICS_CREDENTIAL_FILE": "metrics.credential_file",
     "AIGW_WORKERS": "jobs.workers",
     "AIGW_EXECUTOR": "jobs.executor",
     "AIGW_BROKER_URL": "jobs.broker_url",
@@ -443,7 +641,7 @@ ENV_VARS: Mapping[str, str] = {
     "AIGW_DEVICE_SERIAL_NUMBER": "identity.device_serial_number",
 }
 
-_LIST_KEYS = {"gateway.allow_ae"}
+_LIST_KEYS = {"gateway.allow_ae", "gateway.allow_hosts"}
 
 
 def _first_error(exc: ValidationError) -> str:

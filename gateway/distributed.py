@@ -425,7 +425,7 @@ def run_worker(
     if metrics_port is not None:
         from gateway.metrics import MetricsServer
 
-        http = MetricsServer(node.metrics, config.metrics.host, metrics_port, node.readiness)
+        http = MetricsServer(node.metrics, config.metrics.host, metrics_port, node.readiness, settings=config.metrics)
         http.start()
         log.info("worker metrics on http://%s:%d/metrics", config.metrics.host, http.port)
     node.runner.warm_up()  # before consuming, so the first job does not load the models

@@ -7,11 +7,15 @@ endpoint) writes what it received to a temporary file under
 declared (for C-STORE the Affected SOP Class/Instance UID and the
 presentation context's transfer syntax). Ingest then
 
-1. checks resources: the instance size limit and the free-space watermark;
+1. checks resources: the instance size limit and the free-space watermark
+   (a streaming transport asks :meth:`Ingest.admit` while the bytes arrive,
+   so the disk never fills, and hands in its refusal as ``Received.refused``);
 2. checks what was declared and what the file holds: valid UIDs (PS3.5 9.1),
-   a storage SOP class and a transfer syntax the gateway understands, a
-   header that parses, declared and actual UIDs that agree, and Pixel Data
-   that is whole (PS3.5 A.4);
+   a storage SOP class and a transfer syntax the gateway understands, an
+   element structure that reads back in that transfer syntax
+   (:mod:`gateway.structure`: lengths, delimiters, VRs, nesting, whole Pixel
+   Data), a header that parses, declared and actual UIDs that agree, and a
+   data set of the SOP class the request declared (PS3.4 B.2.3);
 3. hashes the file, fsyncs it and renames it into the store, records it in
    the index (through :class:`~gateway.index.GroupCommitter`) and applies
    the completion hints;
@@ -48,6 +52,7 @@ from gateway.headers import routing_headers
 from gateway.index import GroupCommitter, Index, InstanceRecord, Recorded, RecordOutcome
 from gateway.metrics import Metrics
 from gateway.storage import DataDir, install_file, sha256_file
+from gateway.structure import MalformedDataSet, check_structure, read_file_meta
 from gateway.uids import InvalidUID, checked_uid
 
 __all__ = [
@@ -72,7 +77,6 @@ TRANSFER_SYNTAXES: tuple[str, ...] = tuple(str(ts) for ts in ALL_TRANSFER_SYNTAX
 
 _STORAGE_SOP_CLASSES = frozenset(STORAGE_SOP_CLASSES)
 _TRANSFER_SYNTAXES = frozenset(TRANSFER_SYNTAXES)
-_BIG_ENDIAN = "1.2.840.10008.1.2.2"  # retired (PS3.5 A.3)
 
 
 class Transport(str, Enum):
@@ -124,6 +128,11 @@ class Received:
         to take the File Meta Information's.
     study_instance_uid : str or None
         A study the instance must belong to (STOW-RS ``/studies/{study}``).
+    refused : Refused or None
+        A refusal the transport already made while the data streamed in
+        (from :meth:`Ingest.admit`: too large, out of space); ``path`` may
+        then be partial or absent. :meth:`Ingest.receive` returns it as it
+        is, removes what is left of the file and counts it like any other.
     """
 
     path: Path
@@ -131,6 +140,7 @@ class Received:
     sop_instance_uid: str | None = None
     transfer_syntax: str | None = None
     study_instance_uid: str | None = None
+    refused: Refused | None = None
 
 
 class RefusalReason(str, Enum):
@@ -153,6 +163,8 @@ class RefusalReason(str, Enum):
     TRANSFER_SYNTAX_NOT_SUPPORTED = "transfer_syntax_not_supported"
     #: What the transport declared (instance, study, transfer syntax) differs from the data set.
     DATASET_MISMATCH = "dataset_mismatch"
+    #: The data set's SOP Class UID differs from the one the transport declared (PS3.4 B.2.3).
+    SOP_CLASS_MISMATCH = "sop_class_mismatch"
     #: A failure of the gateway itself (an I/O error, a bug); logged with a stack trace.
     INTERNAL_ERROR = "internal_error"
 
@@ -169,6 +181,7 @@ _METRIC_OUTCOME: dict[RefusalReason, str] = {
     RefusalReason.SOP_CLASS_NOT_SUPPORTED: "invalid",
     RefusalReason.TRANSFER_SYNTAX_NOT_SUPPORTED: "invalid",
     RefusalReason.DATASET_MISMATCH: "invalid",
+    RefusalReason.SOP_CLASS_MISMATCH: "invalid",
     RefusalReason.INTERNAL_ERROR: "error",
 }
 
@@ -226,44 +239,6 @@ class _UidLocks:
         return self._locks[int(hashlib.blake2s(key.encode(), digest_size=2).hexdigest(), 16) % len(self._locks)]
 
 
-def _pixel_data_complete(path: Path, offset: int, size: int, little_endian: bool) -> bool:
-    """Check the top-level Pixel Data element is whole (truncated uploads are refused).
-
-    ``offset`` is where header parsing stopped (the Pixel Data tag). For a
-    defined length the value must fit in the file; for encapsulated data the
-    item headers are walked by seeking (never reading fragment bodies) to the
-    sequence delimiter (PS3.5 A.4).
-    """
-    if not little_endian:
-        return True  # retired big endian: no structural check
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        head = fh.read(12)
-        if len(head) < 8 or head[:4] not in (b"\xe0\x7f\x10\x00",):
-            return True  # no top-level pixel data where expected: nothing to check
-        vr = head[4:6]
-        if vr in (b"OB", b"OW", b"OF", b"OD", b"OL", b"UN", b"OV"):
-            length = int.from_bytes(head[8:12], "little")
-            pos = offset + 12
-        else:  # implicit VR
-            length = int.from_bytes(head[4:8], "little")
-            pos = offset + 8
-        if length != 0xFFFFFFFF:
-            return pos + length <= size
-        while True:  # encapsulated: walk items to the sequence delimiter
-            fh.seek(pos)
-            item = fh.read(8)
-            if len(item) < 8:
-                return False
-            tag = item[:4]
-            ilen = int.from_bytes(item[4:8], "little")
-            if tag == b"\xfe\xff\xdd\xe0":
-                return True
-            if tag != b"\xfe\xff\x00\xe0" or pos + 8 + ilen > size:
-                return False
-            pos += 8 + ilen
-
-
 def _uid(value: object, what: str) -> str:
     """``checked_uid`` whose failure is a CANNOT_UNDERSTAND refusal (the message names ``what``, not the value)."""
     try:
@@ -272,18 +247,28 @@ def _uid(value: object, what: str) -> str:
         raise _Refusal(RefusalReason.CANNOT_UNDERSTAND, str(exc)) from None
 
 
-def _read_header(path: Path) -> tuple[Dataset, str, int]:
-    """Parse the header up to Pixel Data; the data set, its transfer syntax and where parsing stopped."""
+def _raw(ds: Dataset, keyword: str) -> object:
+    """The value of ``keyword`` as stored, before pydicom's conversion strips surrounding whitespace.
+
+    A UID is checked on the bytes that are stored and will be sent on: pydicom's
+    UID type drops a trailing newline, so the index would hold "1.2.3" while the
+    file holds "1.2.3\n", an invalid UID that other systems would refuse.
+    """
+    elem = ds.get_item(keyword)
+    if elem is None:
+        return None
+    value = elem.value
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else value
+
+
+def _read_header(path: Path) -> Dataset:
+    """Parse the header up to Pixel Data (the structure is already checked, see :mod:`gateway.structure`)."""
     try:
-        with open(path, "rb") as fh:
-            ds = dcmread(fh, stop_before_pixels=True)
-            stop = fh.tell()
-        ts = str(ds.file_meta.TransferSyntaxUID)
+        return dcmread(path, stop_before_pixels=True)
     except Exception as exc:  # pydicom raises a variety of errors on garbage
         raise _Refusal(
             RefusalReason.CANNOT_UNDERSTAND, f"data set cannot be decoded ({type(exc).__name__})"
         ) from None
-    return ds, ts, stop
 
 
 class Ingest:
@@ -299,7 +284,7 @@ class Ingest:
     index : Index
         Looked up for duplicates and conflicts, and for completion hints.
     metrics : Metrics
-        Every call counts once in ``aigw_instances_received_total{outcome}``.
+        Every call counts once in ``aigw_instances_received_total{outcome, transport}``.
     quiet_seconds : callable
         ``(headers, calling) -> seconds``: the quiet period that completes
         the series (from the routes that could match it).
@@ -402,26 +387,63 @@ class Ingest:
             except OSError:
                 log.exception("could not remove a received temporary file")
         outcome = result.outcome.value if isinstance(result, Stored) else result.reason.metric_outcome
-        self.metrics.instances_received.labels(outcome=outcome).inc()
+        self.metrics.instances_received.labels(outcome=outcome, transport=source.transport.value).inc()
         return result
+
+    # --------------------------------------------------------------- admission
+    def admit(self, written: int, incoming: int = 0) -> Refused | None:
+        """Whether ``incoming`` more bytes of an instance may be written, ``written`` being on disk already.
+
+        A transport that streams an instance to disk asks before its first
+        byte (``admit(0)``: is there space at all?) and before each chunk, so
+        that it stops writing the moment the instance crosses
+        ``max_instance_bytes`` or would take free space under
+        ``min_free_bytes``; :meth:`receive` checks the finished file the same
+        way. DIMSE carries no size ahead of the data (PS3.7 9.3.1.1), so
+        this is the only place a limit can be kept before the disk fills.
+
+        Returns
+        -------
+        Refused or None
+            ``None`` to go on; else the refusal (INSTANCE_TOO_LARGE or
+            OUT_OF_RESOURCES, both 0xA700 over DIMSE) the transport hands
+            to :meth:`receive` as ``Received.refused``.
+        """
+        s = self.settings
+        if written + incoming > s.max_instance_bytes:
+            return Refused(
+                RefusalReason.INSTANCE_TOO_LARGE,
+                f"instance of at least {written + incoming} bytes exceeds max_instance_bytes={s.max_instance_bytes}",
+            )
+        free = self._free_bytes()
+        if free - incoming < s.min_free_bytes:
+            return Refused(
+                RefusalReason.OUT_OF_RESOURCES,
+                f"free space {free} bytes is under the watermark min_free_bytes={s.min_free_bytes}",
+            )
+        return None
+
+    def refusing_for_space(self) -> bool:
+        """Whether new instances are refused now because free space is under ``min_free_bytes`` (for /readyz)."""
+        return self._free_bytes() < self.settings.min_free_bytes
+
+    def _free_bytes(self) -> int:
+        """Free bytes in the data dir (statvfs); keeps ``aigw_refusing_for_space`` up to date."""
+        free = self.data.free_bytes()
+        self.metrics.refusing_for_space.set(1 if free < self.settings.min_free_bytes else 0)
+        return free
 
     # ------------------------------------------------------------------ checks
     def _receive(self, received: Received, source: Source) -> Stored:
         """The checks, then the store; a failed check raises :class:`_Refusal`."""
+        if received.refused is not None:
+            raise _Refusal(received.refused.reason, received.refused.detail)
         s = self.settings
         tmp = received.path
         size = tmp.stat().st_size
-        if size > s.max_instance_bytes:
-            raise _Refusal(
-                RefusalReason.INSTANCE_TOO_LARGE,
-                f"instance of {size} bytes exceeds max_instance_bytes={s.max_instance_bytes}",
-            )
-        free = self.data.free_bytes()
-        if free < s.min_free_bytes:
-            raise _Refusal(
-                RefusalReason.OUT_OF_RESOURCES,
-                f"free space {free} bytes is under the watermark min_free_bytes={s.min_free_bytes}",
-            )
+        refused = self.admit(size)
+        if refused is not None:
+            raise _Refusal(refused.reason, refused.detail)
         # What the transport declared, before the file is even parsed (for
         # C-STORE: the request's Affected SOP Instance/Class UID, PS3.7 9.1.1.1).
         declared_sop = None
@@ -435,21 +457,37 @@ class Ingest:
         if received.study_instance_uid is not None:
             declared_study = _uid(received.study_instance_uid, "declared StudyInstanceUID")
 
-        ds, ts, stop = _read_header(tmp)
-        if ts not in _TRANSFER_SYNTAXES:
-            raise _Refusal(RefusalReason.TRANSFER_SYNTAX_NOT_SUPPORTED, "transfer syntax is not supported")
-        if received.transfer_syntax is not None and str(received.transfer_syntax) != ts:
-            raise _Refusal(
-                RefusalReason.DATASET_MISMATCH,
-                "TransferSyntaxUID in the File Meta Information differs from the declared transfer syntax",
-            )
-        study_uid = _uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
-        series_uid = _uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-        sop_uid = _uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        try:
+            meta = read_file_meta(tmp)
+            ts = meta.transfer_syntax
+            if ts not in _TRANSFER_SYNTAXES:
+                raise _Refusal(RefusalReason.TRANSFER_SYNTAX_NOT_SUPPORTED, "transfer syntax is not supported")
+            if received.transfer_syntax is not None and str(received.transfer_syntax) != ts:
+                raise _Refusal(
+                    RefusalReason.DATASET_MISMATCH,
+                    "TransferSyntaxUID in the File Meta Information differs from the declared transfer syntax",
+                )
+            # Before success, and before pydicom parses anything: what is
+            # acknowledged must read back (a deflated data set may inflate to
+            # at most max_instance_bytes).
+            check_structure(tmp, meta, max_inflated_bytes=s.max_instance_bytes)
+        except MalformedDataSet as exc:
+            raise _Refusal(RefusalReason.CANNOT_UNDERSTAND, f"data set is malformed: {exc}") from None
+        ds = _read_header(tmp)
+        study_uid = _uid(_raw(ds, "StudyInstanceUID"), "StudyInstanceUID")
+        series_uid = _uid(_raw(ds, "SeriesInstanceUID"), "SeriesInstanceUID")
+        sop_uid = _uid(_raw(ds, "SOPInstanceUID"), "SOPInstanceUID")
+        own_class = _uid(_raw(ds, "SOPClassUID"), "SOPClassUID")
         if sop_class is None:
             # Nothing declared (STOW-RS): the data set's own class must be one we store.
-            sop_class = _uid(ds.get("SOPClassUID"), "SOPClassUID")
+            sop_class = own_class
             self._check_sop_class(sop_class)
+        elif own_class != sop_class:
+            # PS3.4 B.2.3: "Data Set does not match SOP Class" (0xA900), as DCMTK's storescp answers.
+            raise _Refusal(
+                RefusalReason.SOP_CLASS_MISMATCH,
+                "SOPClassUID in the data set differs from AffectedSOPClassUID in the request",
+            )
         if declared_sop is not None and sop_uid != declared_sop:
             raise _Refusal(
                 RefusalReason.DATASET_MISMATCH,
@@ -459,8 +497,6 @@ class Ingest:
             raise _Refusal(
                 RefusalReason.DATASET_MISMATCH, "StudyInstanceUID in the data set differs from the declared study"
             )
-        if not _pixel_data_complete(tmp, stop, size, little_endian=ts != _BIG_ENDIAN):
-            raise _Refusal(RefusalReason.CANNOT_UNDERSTAND, "data set is truncated (pixel data incomplete)")
         return self._store(tmp, ds, source, study_uid, series_uid, sop_uid, sop_class, ts, size)
 
     @staticmethod

@@ -135,6 +135,18 @@ def _finalise(ds: Dataset) -> None:
     ds.file_meta = meta
 
 
+def _mark_superseding(outputs: Sequence[Dataset], version: int) -> None:
+    """Say in each output's Series Description that it supersedes the result of series ``version``.
+
+    The description is what every viewer's series list shows; it is cut to
+    its 64-character limit (PS3.5 LO) from the left part, so the note stays.
+    """
+    note = f" (supersedes v{version})"
+    for ds in outputs:
+        desc = str(ds.get("SeriesDescription", "") or "")
+        ds.SeriesDescription = desc[: 64 - len(note)] + note
+
+
 class JobRunner:
     """Runs one claimed job: pipeline, outputs on disk, sends queued."""
 
@@ -237,6 +249,12 @@ class JobRunner:
             ):
                 outputs = list(pipeline.run(series, ctx))
             inference = sum(s.seconds for s in sessions.values())
+            earlier = self.index.earlier_results(job.series_uid, job.pipeline, job.series_version)
+            if earlier:
+                # More instances arrived after a result went out: this one replaces it,
+                # and a reader who sees both in PACS must be able to tell which counts.
+                _mark_superseding(outputs, earlier[-1].series_version)
+                jlog.info("result supersedes the one of series version %d", earlier[-1].series_version)
             stored = self._store_outputs(job.id, outputs)
             dests = [d.name for d in self.config.destinations]
             if not self.index.job_succeeded(job.id, owner, stored, dests, now=time.time()):

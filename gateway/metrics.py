@@ -10,11 +10,20 @@ work from the first scrape.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import logging
+import queue
+import selectors
+import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -31,15 +40,19 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from gateway._gpu import GpuCollector
 
 if TYPE_CHECKING:
-    from gateway.config import Config
+    from gateway.config import Config, MetricsSettings
     from gateway.models import ModelRegistry
 
 __all__ = ["Metrics", "MetricsServer", "STORE_OUTCOMES", "JOB_OUTCOMES", "SEND_OUTCOMES"]
 
 log = logging.getLogger(__name__)
 
-#: Outcomes of a received C-STORE, the ``outcome`` label of instances_received.
+#: Outcomes of a received instance, the ``outcome`` label of instances_received.
 STORE_OUTCOMES = ("stored", "duplicate", "conflict", "refused_space", "refused_size", "invalid", "error")
+#: How it arrived, the ``transport`` label of instances_received (gateway.ingest.Transport values).
+TRANSPORTS = ("dimse", "dicomweb")
+#: HTTP statuses the DICOMweb receiver answers, the ``code`` label of http_requests (PS3.18 10.5.3.1, 8.5).
+HTTP_CODES = ("200", "202", "400", "401", "403", "404", "405", "408", "409", "413", "415", "500")
 JOB_OUTCOMES = ("succeeded", "failed", "retried")
 SEND_OUTCOMES = ("sent", "retry", "dead")
 COMPLETION_CAUSES = ("timer", "hint", "release", "forced")
@@ -95,7 +108,13 @@ class Metrics:
         r = self.registry
         self.build_info = Gauge("aigw_build_info", "Build information", ["version"], registry=r)
         self.instances_received = Counter(
-            "aigw_instances_received_total", "C-STORE requests by outcome", ["outcome"], registry=r
+            "aigw_instances_received_total",
+            "Instances received (C-STORE requests, STOW-RS parts) by outcome and transport",
+            ["outcome", "transport"],
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "aigw_http_requests_total", "DICOMweb (STOW-RS) requests answered, by HTTP status", ["code"], registry=r
         )
         self.bytes_received = Counter("aigw_received_bytes_total", "Bytes of instances stored", registry=r)
         self.associations_open = Gauge("aigw_associations_open", "Associations currently open", registry=r)
@@ -170,6 +189,11 @@ class Metrics:
             "Free space under which new instances are refused with 0xA700 ([gateway] min_free_bytes)",
             registry=r,
         )
+        self.refusing_for_space = Gauge(
+            "aigw_refusing_for_space",
+            "1 while free space in the data dir is under min_free_bytes: new instances get 0xA700, /readyz not ready",
+            registry=r,
+        )
         self.gpu_expected = Gauge(
             "aigw_gpu_expected", "1 if the configuration expects a GPU (see [metrics] expect_gpu)", registry=r
         )
@@ -190,10 +214,13 @@ class Metrics:
         """Export known label combinations as zero so series exist from the start."""
         self.build_info.labels(version=version).set(1)
         for o in STORE_OUTCOMES:
-            self.instances_received.labels(outcome=o)
-        from gateway.status import RejectReason
+            for t in TRANSPORTS:
+                self.instances_received.labels(outcome=o, transport=t)
+        for code in HTTP_CODES:
+            self.http_requests.labels(code=code)
+        from gateway.status import AbortReason, RejectReason
 
-        for rej in RejectReason.ALL:
+        for rej in (*RejectReason.ALL, *AbortReason.ALL):
             self.associations_rejected.labels(reason=rej.label)
         for c in COMPLETION_CAUSES:
             self.series_completed.labels(cause=c)
@@ -224,8 +251,64 @@ class Metrics:
         self.gpu_expected.set(1 if expected else 0)
 
 
+class _Conn:
+    """One client connection of :class:`MetricsServer`: what it sent so far, what it still has to read."""
+
+    __slots__ = ("sock", "inbox", "outbox", "deadline", "busy")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.inbox = b""
+        self.outbox = b""
+        self.deadline = deadline
+        self.busy = False  # a worker is answering it: neither read nor timed out meanwhile
+
+
+def _http_response(code: int, body: bytes, ctype: str, extra: Sequence[tuple[str, str]] = ()) -> bytes:
+    head = [f"HTTP/1.1 {code} {HTTPStatus(code).phrase}", f"Content-Type: {ctype}", f"Content-Length: {len(body)}"]
+    head += [f"{k}: {v}" for k, v in extra]
+    head.append("Connection: close")  # one request per connection: nothing idles between scrapes
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
 class MetricsServer:
-    """A small HTTP server: ``/metrics``, ``/healthz`` (alive), ``/readyz`` (ready)."""
+    """A small HTTP server: ``/metrics``, ``/healthz`` (alive), ``/readyz`` (ready).
+
+    Its cost stays bounded whatever clients do (a slow or half-sent request, a
+    flood of connections, scrapes in a tight loop):
+
+    * one selector thread reads every request and writes every answer, so a
+      connection that sends slowly costs a socket and a buffer, never a thread;
+      answers are computed on a pool of ``_WORKERS`` threads;
+    * at most ``max_connections`` are open; a new one beyond that closes the
+      oldest that has not finished sending its request (so a flood of half-sent
+      requests cannot lock out the scraper), or itself when every open one is
+      being answered;
+    * a client has ``read_timeout_seconds`` from connecting to send its request
+      head (at most 16 KiB), and as long again to read the answer;
+    * the index-derived gauges (``refresh``) are recomputed at most every
+      ``cache_seconds``, so scrapes never query the database more often;
+    * ``/metrics`` asks for HTTP basic (RFC 7617) or bearer (RFC 6750)
+      credentials when ``[metrics] auth`` says so, compared as SHA-256 digests in
+      constant time. ``/healthz`` and ``/readyz`` stay open: Kubernetes and
+      Docker probes carry no credentials, and they tell nothing but up or down.
+
+    Parameters
+    ----------
+    metrics : Metrics
+        The registry to expose.
+    host, port : str, int
+        Where to listen (port 0: a free one, see :attr:`port`).
+    readiness : callable
+        The checks of ``/readyz``, by name.
+    refresh : callable, optional
+        Brings the index-derived gauges up to date; called at most every ``cache_seconds``.
+    settings : MetricsSettings, optional
+        ``[metrics]``: auth, credential, cache_seconds, max_connections, read_timeout_seconds.
+    """
+
+    _WORKERS = 4
+    _MAX_HEAD = 16 * 1024
 
     def __init__(
         self,
@@ -234,48 +317,269 @@ class MetricsServer:
         port: int,
         readiness: Callable[[], dict[str, bool]],
         refresh: Callable[[], None] | None = None,
+        settings: MetricsSettings | None = None,
     ) -> None:
-        registry = metrics.registry
+        from gateway.config import MetricsSettings
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
-                path = self.path.split("?", 1)[0]
-                try:
-                    if path == "/metrics":
-                        if refresh is not None:
-                            refresh()
-                        self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-                    elif path == "/healthz":
-                        self._reply(200, b'{"status":"alive"}\n', "application/json")
-                    elif path == "/readyz":
-                        checks = readiness()
-                        ok = all(checks.values())
-                        body = json.dumps({"ready": ok, "checks": checks}).encode() + b"\n"
-                        self._reply(200 if ok else 503, body, "application/json")
-                    else:
-                        self._reply(404, b"not found\n", "text/plain")
-                except Exception:
-                    log.exception("metrics endpoint %s failed", path)
-                    self._reply(500, b"internal error\n", "text/plain")
-
-            def _reply(self, code: int, body: bytes, ctype: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                pass  # scrapes every few seconds would flood the log
-
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
-        self._httpd.daemon_threads = True
-        self.port = int(self._httpd.server_address[1])
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="aigw-metrics", daemon=True)
+        self._registry = metrics.registry
+        self._readiness = readiness
+        self._refresh = refresh
+        self._settings = settings or MetricsSettings()
+        self._refreshed: float | None = None
+        self._refresh_lock = threading.Lock()
+        self._warned_credential = False
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._listener.bind((host, port))
+            self._listener.listen(128)
+        except OSError:
+            self._listener.close()
+            raise
+        self._listener.setblocking(False)
+        self.port = int(self._listener.getsockname()[1])
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._conns: OrderedDict[socket.socket, _Conn] = OrderedDict()  # oldest first
+        self._answered: queue.SimpleQueue[tuple[_Conn, bytes]] = queue.SimpleQueue()
+        self._pool = ThreadPoolExecutor(self._WORKERS, thread_name_prefix="aigw-metrics-worker")
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="aigw-metrics", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._stopping.set()
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for conn in list(self._conns.values()):
+            self._close(conn)
+        self._selector.close()
+        for s in (self._listener, self._wake_r, self._wake_w):
+            s.close()
+
+    # ------------------------------------------------------------ the selector
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # the pair is full (the loop wakes anyway) or closed (stopping)
+            pass
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._turn()
+            except Exception:  # never let the endpoint die silently; the next turn starts afresh
+                log.exception("metrics endpoint loop failed")
+                time.sleep(0.1)
+
+    def _turn(self) -> None:
+        """One round of the selector: accept, read, write, and close what timed out."""
+        now = time.monotonic()
+        deadlines = [c.deadline for c in self._conns.values() if not c.busy]
+        timeout = max(0.0, min(deadlines) - now) if deadlines else 1.0
+        for key, events in self._selector.select(min(timeout, 1.0)):
+            sock = key.fileobj
+            if sock is self._listener:
+                self._accept()
+            elif sock is self._wake_r:
+                self._drain_answers()
+            elif (conn := self._conns.get(sock)) is not None:  # type: ignore[call-overload]
+                if events & selectors.EVENT_READ:
+                    self._read(conn)
+                elif events & selectors.EVENT_WRITE:
+                    self._write(conn)
+        now = time.monotonic()
+        for conn in [c for c in self._conns.values() if not c.busy and c.deadline <= now]:
+            self._close(conn)  # too slow to send its request or to read its answer
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                log.warning("metrics endpoint: accept failed (out of file descriptors?)", exc_info=True)
+                return
+            if len(self._conns) >= self._settings.max_connections:
+                waiting = next((c for c in self._conns.values() if not c.busy and not c.outbox), None)
+                if waiting is None:  # every open connection is being answered: refuse the newcomer
+                    sock.close()
+                    continue
+                self._close(waiting)
+            sock.setblocking(False)
+            conn = _Conn(sock, time.monotonic() + self._settings.read_timeout_seconds)
+            self._conns[sock] = conn
+            self._selector.register(sock, selectors.EVENT_READ)
+
+    def _read(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn)
+            return
+        conn.inbox += data
+        end = conn.inbox.find(b"\r\n\r\n")
+        if end < 0 and len(conn.inbox) > self._MAX_HEAD:
+            self._respond(conn, _http_response(431, b"request head too large\n", "text/plain"))
+        elif end >= 0:
+            conn.busy = True
+            self._selector.unregister(conn.sock)
+            self._pool.submit(self._answer, conn, conn.inbox[:end])
+
+    def _respond(self, conn: _Conn, data: bytes) -> None:
+        conn.busy = False
+        conn.outbox = data
+        conn.deadline = time.monotonic() + self._settings.read_timeout_seconds
+        try:
+            self._selector.modify(conn.sock, selectors.EVENT_WRITE)
+        except KeyError:
+            self._selector.register(conn.sock, selectors.EVENT_WRITE)
+
+    def _drain_answers(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        while True:
+            try:
+                conn, data = self._answered.get_nowait()
+            except queue.Empty:
+                return
+            if conn.sock in self._conns:
+                self._respond(conn, data)
+
+    def _write(self, conn: _Conn) -> None:
+        try:
+            sent = conn.sock.send(conn.outbox)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        conn.outbox = conn.outbox[sent:]
+        if not conn.outbox:
+            self._close(conn)
+
+    def _close(self, conn: _Conn) -> None:
+        self._conns.pop(conn.sock, None)
+        try:
+            self._selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    # -------------------------------------------------------------- the pool
+    def _answer(self, conn: _Conn, head: bytes) -> None:
+        try:
+            data = self._handle(head)
+        except Exception:
+            log.exception("metrics endpoint failed")
+            data = _http_response(500, b"internal error\n", "text/plain")
+        self._answered.put((conn, data))
+        self._wake()
+
+    def _handle(self, head: bytes) -> bytes:
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return _http_response(400, b"bad request\n", "text/plain")
+        method, target, _ = parts
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        if method not in ("GET", "HEAD"):
+            return _http_response(405, b"method not allowed\n", "text/plain", [("Allow", "GET, HEAD")])
+        path = target.split("?", 1)[0]
+        if path == "/metrics":
+            if not self._authorized(headers.get("authorization", "")):
+                challenge = f'{self._settings.auth.value.capitalize()} realm="aigw metrics"'
+                return _http_response(401, b"unauthorized\n", "text/plain", [("WWW-Authenticate", challenge)])
+            self._refresh_if_due()
+            body = generate_latest(self._registry)
+            ctype = CONTENT_TYPE_LATEST
+        elif path == "/healthz":
+            body, ctype = b'{"status":"alive"}\n', "application/json"
+        elif path == "/readyz":
+            checks = self._readiness()
+            ok = all(checks.values())
+            body = json.dumps({"ready": ok, "checks": checks}).encode() + b"\n"
+            reply = _http_response(200 if ok else 503, body, "application/json")
+            return reply[: len(reply) - len(body)] if method == "HEAD" else reply
+        else:
+            return _http_response(404, b"not found\n", "text/plain")
+        reply = _http_response(200, body, ctype)
+        return reply[: len(reply) - len(body)] if method == "HEAD" else reply
+
+    def _refresh_if_due(self) -> None:
+        """Run ``refresh`` unless it ran less than ``cache_seconds`` ago (failures count, so a sick index rests)."""
+        if self._refresh is None:
+            return
+        with self._refresh_lock:
+            now = time.monotonic()
+            if self._refreshed is not None and now - self._refreshed < self._settings.cache_seconds:
+                return
+            self._refreshed = now
+            self._refresh()
+
+    def _authorized(self, header: str) -> bool:
+        """Whether the ``Authorization`` header carries the configured credential (always, with auth "none")."""
+        from gateway.config import MetricsAuth
+
+        s = self._settings
+        if s.auth == MetricsAuth.NONE:
+            return True
+        scheme, _, value = header.strip().partition(" ")
+        value = value.strip()
+        if s.auth == MetricsAuth.BASIC:
+            if scheme.lower() != "basic":
+                return False
+            try:
+                user, sep, secret = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
+            except (ValueError, UnicodeDecodeError):
+                return False
+            user_ok = hmac.compare_digest(user.encode(), s.username.encode())
+            given = secret if sep else ""
+        else:
+            if scheme.lower() != "bearer":
+                return False
+            user_ok, given = True, value
+        expected = self._expected_digest()
+        if expected is None:
+            return False
+        return user_ok & hmac.compare_digest(hashlib.sha256(given.encode()).digest(), expected)
+
+    def _expected_digest(self) -> bytes | None:
+        s = self._settings
+        if s.credential_sha256 is not None:
+            return bytes.fromhex(s.credential_sha256)
+        assert s.credential_file is not None  # MetricsSettings checks that one of the two is set
+        try:
+            secret = s.credential_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            secret = ""
+            reason = exc.strerror or type(exc).__name__
+        else:
+            reason = "empty"
+        if not secret:
+            if not self._warned_credential:
+                self._warned_credential = True
+                log.error(
+                    "metrics.credential_file %s: %s; /metrics answers 401 until it holds the secret",
+                    s.credential_file,
+                    reason,
+                )
+            return None
+        self._warned_credential = False
+        return hashlib.sha256(secret.encode()).digest()

@@ -27,7 +27,9 @@ from typing import Any
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from gateway._admission import StreamAdmission
 from gateway.config import GatewaySettings
+from gateway.frontdoor import FrontDoor, FrontDoorLimits, RefusalLog, escape
 from gateway.index import Index, RecordOutcome
 from gateway.ingest import (
     STORAGE_SOP_CLASSES,
@@ -61,9 +63,11 @@ STATUS_FOR_REFUSAL: dict[RefusalReason, StorageStatus] = {
     RefusalReason.SOP_CLASS_NOT_SUPPORTED: StorageStatus.SOP_CLASS_NOT_SUPPORTED,
     # Negotiation accepts only syntaxes ingest parses: a backstop here too.
     RefusalReason.TRANSFER_SYNTAX_NOT_SUPPORTED: StorageStatus.CANNOT_DECODE,
-    # The data set's SOP Instance UID differs from the request's. 0xA900 is
-    # about the SOP class, which is not compared, so this stays "cannot understand".
+    # The data set's SOP Instance UID (or study, or syntax) differs from what was declared.
     RefusalReason.DATASET_MISMATCH: StorageStatus.CANNOT_DECODE,
+    # PS3.4 B.2.3 "Data Set does not match SOP Class": the data set's SOP Class UID
+    # differs from the request's Affected SOP Class UID (DCMTK's storescp answers the same).
+    RefusalReason.SOP_CLASS_MISMATCH: StorageStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
     RefusalReason.INTERNAL_ERROR: StorageStatus.UNEXPECTED_ERROR,
 }
 
@@ -95,6 +99,10 @@ class StorageSCP:
         is released; ``None`` for no release hint.
     ingest : Ingest, optional
         An ingest shared with other transports; its owner starts and stops it.
+    abort_grace_seconds : float or None
+        How long the series of an association that ends without a release
+        (abort, dropped connection) stay open at least; ``None`` leaves their
+        deadlines as they are.
     """
 
     def __init__(
@@ -109,21 +117,26 @@ class StorageSCP:
         reprocess_late: bool = True,
         *,
         ingest: Ingest | None = None,
+        abort_grace_seconds: float | None = None,
     ) -> None:
         self.settings = settings
         self.data = data
         self.index = index
         self.metrics = metrics
         self._release_quiet = release_quiet_seconds
+        self._abort_grace = abort_grace_seconds
         self._owns_ingest = ingest is None
         if ingest is None:
             if quiet_seconds is None:
                 raise TypeError("StorageSCP needs either ingest or quiet_seconds")
             ingest = Ingest(settings, data, index, metrics, quiet_seconds, hint_quiet_seconds, reprocess_late)
         self.ingest = ingest
+        # Size and free-space limits kept while each data set streams in (gateway._admission).
+        self._admission = StreamAdmission(ingest.admit, data.incoming)
         self._assocs: dict[int, _AssocState] = {}
         self._assoc_lock = threading.Lock()
-        self._server: Any = None
+        self._server: FrontDoor | None = None
+        self._refusals = RefusalLog(log)
         self._saved_tempdir: str | None = None
         self._saved_chunked = False
         self._networks = [ipaddress.ip_network(h, strict=False) for h in settings.allow_hosts]
@@ -137,6 +150,7 @@ class StorageSCP:
         # rename is atomic and the payload is never held in memory.
         self._saved_chunked = _config.STORE_RECV_CHUNKED_DATASET
         _config.STORE_RECV_CHUNKED_DATASET = True
+        self._admission.install()
         self._saved_tempdir = tempfile.tempdir
         tempfile.tempdir = str(self.data.incoming)
         ae = AE(ae_title=s.ae_title)
@@ -144,8 +158,12 @@ class StorageSCP:
         # Our own policy in EVT_REQUESTED enforces the limit with a counted
         # rejection; pynetdicom's check is kept one above as a backstop.
         ae.maximum_associations = s.max_associations + 1
-        ae.network_timeout = s.network_timeout_seconds
-        ae.acse_timeout = s.network_timeout_seconds
+        # The DUL idle timer (Association aborts when it expires); the front
+        # door's socket timeout bounds a read or send stalled mid-PDU.
+        ae.network_timeout = s.idle_timeout_seconds
+        # pynetdicom's ARTIM timer (PS3.8 9.1.5), which also bounds Sta13: a
+        # peer told RJ, A-ABORT or A-RELEASE-RP must close this soon.
+        ae.acse_timeout = s.artim_timeout_seconds
         ae.dimse_timeout = s.network_timeout_seconds
         # Exactly what ingest understands, so nothing negotiated is refused later.
         for uid in STORAGE_SOP_CLASSES:
@@ -162,16 +180,21 @@ class StorageSCP:
         ]
         if self._owns_ingest:
             self.ingest.start()
-        self._server = ae.start_server((s.host, s.port), block=False, evt_handlers=handlers)
-        self.port = int(self._server.server_address[1])
+        # The front door accepts, enforces ARTIM, connection caps and a valid
+        # A-ASSOCIATE-RQ, then hands the association to pynetdicom.
+        self._server = FrontDoor(
+            ae, (s.host, s.port), FrontDoorLimits.from_settings(s), handlers, self._count_rejection, self._refusals
+        )
+        self.port = self._server.start()
         log.info("DICOM listener %s on %s:%d", s.ae_title, s.host, self.port)
         return self.port
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            self._server.stop()
             self._server = None
             _config.STORE_RECV_CHUNKED_DATASET = self._saved_chunked
+            self._admission.uninstall()
             if self._owns_ingest:
                 self.ingest.stop()
         if self._saved_tempdir is not None or tempfile.tempdir == str(self.data.incoming):
@@ -210,13 +233,11 @@ class StorageSCP:
             log.exception("association policy check failed; rejecting")
             rejection = RejectReason.TOO_MANY_ASSOCIATIONS
         if rejection is not None:
-            self.metrics.associations_rejected.labels(reason=rejection.label).inc()
-            # The calling AE is a configured/network value, not patient data.
-            log.warning(
-                "association from %s (%s) rejected: %s",
-                _calling_ae(event.assoc),
-                event.assoc.requestor.address,
-                rejection.label,
+            self._count_rejection(rejection.label)
+            # The calling AE is a configured/network value, not patient data,
+            # but the peer chose its bytes: escaped.
+            self._refusals(
+                str(event.assoc.requestor.address), rejection.label, f'calling AE "{escape(_calling_ae(event.assoc))}"'
             )
             event.assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
             # As pynetdicom does for its own rejections: wait for the DUL to
@@ -227,6 +248,9 @@ class StorageSCP:
             _prefer_requestor_order(event.assoc)
         except Exception:
             log.exception("could not apply the sender's transfer syntax preference; using ours")
+
+    def _count_rejection(self, label: str) -> None:
+        self.metrics.associations_rejected.labels(reason=label).inc()
 
     def _on_established(self, event: evt.Event) -> None:
         with self._assoc_lock:
@@ -245,12 +269,23 @@ class StorageSCP:
                 log.exception("could not apply the association-release completion hint")
 
     def _on_closed(self, event: evt.Event) -> None:
-        self._pop_assoc(event)
+        # Reached with state still held only when the association ended without
+        # a release: an A-ABORT or a dropped connection. The sender did not say
+        # it was done, so its series get the abort grace instead of a hint.
+        state = self._pop_assoc(event)
+        if state is not None and state.series and self._abort_grace is not None:
+            try:
+                n = self.index.defer_completion(state.series, now=time.time(), within=self._abort_grace)
+                if n:
+                    log.info("association ended without release: %d series wait %.0f s more", n, self._abort_grace)
+            except Exception:
+                log.exception("could not re-arm the completion of an interrupted association's series")
 
     def _pop_assoc(self, event: evt.Event) -> _AssocState | None:
         with self._assoc_lock:
             state = self._assocs.pop(id(event.assoc), None)
             self.metrics.associations_open.set(len(self._assocs))
+        self._admission.discard(event.assoc)  # a data set cut off half-way: its partial file goes now
         return state
 
     # ------------------------------------------------------------------ DIMSE
@@ -273,6 +308,7 @@ class StorageSCP:
                 sop_class_uid=req.AffectedSOPClassUID,
                 sop_instance_uid=req.AffectedSOPInstanceUID,
                 transfer_syntax=event.context.transfer_syntax,
+                refused=self._admission.take(tmp),  # a limit crossed while it streamed: 0xA700
             )
             requestor = event.assoc.requestor
             source = Source(Transport.DIMSE, (requestor.ae_title or "").strip(), str(requestor.address))
@@ -281,7 +317,9 @@ class StorageSCP:
             # never a dropped association.
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
-            self.metrics.instances_received.labels(outcome=RefusalReason.INTERNAL_ERROR.metric_outcome).inc()
+            self.metrics.instances_received.labels(
+                outcome=RefusalReason.INTERNAL_ERROR.metric_outcome, transport=Transport.DIMSE.value
+            ).inc()
             status = STATUS_FOR_REFUSAL[RefusalReason.INTERNAL_ERROR]
             log.exception("C-STORE failed unexpectedly; answered 0x%04X", int(status))
             return int(status)

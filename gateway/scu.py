@@ -1,4 +1,4 @@
-"""Sending results: C-STORE SCU to the configured destinations.
+"""Sending results: C-STORE SCU, or STOW-RS (:mod:`gateway.stow`), to the configured destinations.
 
 Every output instance has one ``sends`` row per destination. Outcomes
 (PS3.4 B.2.3, PS3.8 9.3.4):
@@ -10,6 +10,10 @@ Every output instance has one ``sends`` row per destination. Outcomes
   presentation context): dead-letter list, with the reason;
 * after ``send.max_attempts`` a transient failure also goes to the
   dead-letter list, so nothing loops forever.
+
+A ``dicomweb`` destination goes through the same retry and dead-letter
+bookkeeping; :mod:`gateway.stow` says how HTTP and per-instance STOW-RS
+answers map onto it.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from gateway._loop import PeriodicLoop
-from gateway.config import Config, Destination
+from gateway.config import Config, Destination, DestinationType
 from gateway.index import Index, SendState
 from gateway.jobs import backoff
 from gateway.metrics import Metrics
 from gateway.status import is_transient_store_status
+from gateway.stow import StowClient, StowItem
 
 __all__ = ["Sender", "classify_status"]
 
@@ -68,6 +73,9 @@ class Sender(PeriodicLoop):
         self.index = index
         self.metrics = metrics
         self.destinations = {d.name: d for d in config.destinations}
+        # A STOW-RS destination that answered 503 or 429 to a whole batch gets
+        # no further batch before this time, whatever other sends are due.
+        self._paused_until: dict[str, float] = {}
         super().__init__(0.5)
 
     def run_once(self) -> int:
@@ -82,20 +90,68 @@ class Sender(PeriodicLoop):
                 for row in rows:
                     self._dead(row, None, f"destination {name!r} is no longer configured")
                 continue
-            n += self._send_batch(dest, rows)
+            if dest.type == DestinationType.DICOMWEB:
+                n += self._send_stow(dest, rows)
+            else:
+                n += self._send_batch(dest, rows)
         return n
 
-    def _retry_or_dead(self, row: Any, status: int | None, reason: str) -> None:
+    def _retry_or_dead(self, row: Any, status: int | None, reason: str, retry_after: float | None = None) -> float:
+        """Schedule another attempt (or give up); returns when it is due (now when given up).
+
+        ``retry_after`` is a server's own "not before" (HTTP Retry-After), kept
+        within ``send.backoff_max_seconds`` so a server cannot park a send for days.
+        """
         sc = self.config.send
         attempts = row.attempts + 1
         if attempts >= sc.max_attempts:
             self._dead(row, status, f"{reason} (gave up after {attempts} attempts)")
-            return
-        retry_at = time.time() + backoff(attempts, sc.backoff_seconds, sc.backoff_max_seconds)
+            return time.time()
+        delay = backoff(attempts, sc.backoff_seconds, sc.backoff_max_seconds)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, sc.backoff_max_seconds))
+        retry_at = time.time() + delay
         self.index.send_result(
             row.id, SendState.PENDING, now=time.time(), status=status, error=reason, retry_at=retry_at
         )
         self.metrics.sends.labels(destination=row.destination, outcome="retry").inc()
+        return retry_at
+
+    def _sent(self, row: Any, status: int | None) -> None:
+        self.index.send_result(row.id, SendState.SENT, now=time.time(), status=status, error=None)
+        self.metrics.sends.labels(destination=row.destination, outcome="sent").inc()
+
+    def _send_stow(self, dest: Destination, rows: list[Any]) -> int:
+        """Deliver rows to a dicomweb destination, ``dest.batch_size`` instances per STOW-RS request.
+
+        Each instance is recorded on its own: one the response acknowledged is
+        sent and never resent; a failed one is retried or dead-lettered as its
+        own FailureReason (or the request's HTTP status) says.
+        """
+        if time.time() < self._paused_until.get(dest.name, 0.0):
+            return 0
+        client = StowClient(dest, self.config.send.timeout_seconds)
+        sent = 0
+        for start in range(0, len(rows), dest.batch_size):
+            batch = rows[start : start + dest.batch_size]
+            result = client.store([StowItem(r.sop_instance_uid, r.path) for r in batch])
+            retry_times = []
+            for row in batch:
+                out = result.outcomes[row.sop_instance_uid]
+                if out.state == SendState.SENT:
+                    self._sent(row, out.status)
+                    sent += 1
+                elif out.state == SendState.DEAD:
+                    self._dead(row, out.status, out.reason or "refused")
+                else:
+                    retry_times.append(self._retry_or_dead(row, out.status, out.reason or "", result.retry_after))
+            if result.batch_failed:
+                # The server is down or overloaded: the rest waits too.
+                self._paused_until[dest.name] = min(retry_times, default=time.time())
+                break
+        if sent:
+            log.info("sent %d instance(s) to %s over STOW-RS", sent, dest.name)
+        return sent
 
     def _dead(self, row: Any, status: int | None, reason: str) -> None:
         self.index.send_result(row.id, SendState.DEAD, now=time.time(), status=status, error=reason)
@@ -131,6 +187,7 @@ class Sender(PeriodicLoop):
             ae.add_requested_context(sop_class, own + fallback)
             proposed.add(sop_class)
         loaded = [(row, ds) for row, ds in loaded if row.sop_class_uid in proposed]
+        assert dest.host is not None and dest.port is not None and dest.ae_title is not None  # dimse: validated
         try:
             assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
         except Exception as exc:  # DNS failure, socket errors
@@ -174,8 +231,7 @@ class Sender(PeriodicLoop):
                     continue
                 verdict = classify_status(status)
                 if verdict == SendState.SENT:
-                    self.index.send_result(row.id, SendState.SENT, now=time.time(), status=status, error=None)
-                    self.metrics.sends.labels(destination=row.destination, outcome="sent").inc()
+                    self._sent(row, status)
                     sent += 1
                 elif verdict == SendState.DEAD:
                     self._dead(row, status, f"destination answered 0x{status:04X}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from gateway import __version__
 from gateway.completion import Completer
-from gateway.config import Config, LatePolicy
+from gateway.config import Config, LatePolicy, MetricsAuth
 from gateway.index import Index, JobState, SendState
 from gateway.ingest import Ingest
 from gateway.jobs import JobRunner, LocalExecutor
@@ -31,6 +32,7 @@ from gateway.scu import Sender
 from gateway.storage import DataDir
 
 if TYPE_CHECKING:
+    from gateway.dicomweb import DicomWebServer
     from gateway.distributed import JobPublisher
 
 __all__ = ["Gateway"]
@@ -45,6 +47,54 @@ def _naming_address(host: str, port: int) -> Iterator[None]:
         raise OSError(exc.errno, exc.strerror or str(exc), f"{host}:{port}") from None
 
 log = logging.getLogger(__name__)
+
+_ANY_ADDRESS = ("0.0.0.0", "::", "")
+
+
+def exposure_warnings(config: Config) -> list[str]:
+    """What the configuration leaves open to anyone who can reach the host, with the keys that close it.
+
+    The built-in defaults listen for DICOM on every interface and accept any
+    calling AE (so that a first ``aigw serve`` receives at once); this says so
+    instead of changing them under existing users.
+    """
+    out = []
+    g, m = config.gateway, config.metrics
+    if g.host in _ANY_ADDRESS and not g.allow_ae and not g.allow_hosts:
+        out.append(
+            f"the DICOM listener on {g.host or '*'}:{g.port} accepts associations from any address and any calling"
+            ' AE title; restrict it with [gateway] allow_hosts = ["10.20.0.0/16"] (the scanner networks;'
+            ' AIGW_ALLOW_HOSTS) and/or allow_ae = ["MRI_3T"] (AIGW_ALLOW_AE), or host = "127.0.0.1"'
+        )
+    if m.enabled and not _is_loopback(m.host) and m.auth == MetricsAuth.NONE:
+        out.append(
+            f"/metrics on {m.host or '*'}:{m.port} answers anyone without credentials; set [metrics] auth ="
+            ' "bearer" with credential_file or credential_sha256 (AIGW_METRICS_AUTH,'
+            ' AIGW_METRICS_CREDENTIAL_FILE), or host = "127.0.0.1"'
+        )
+    return out
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _warn_exposure(config: Config) -> None:
+    """Warn once per start, in the log and on stderr (unless the log already goes there)."""
+    import sys
+
+    to_stderr = not any(getattr(h, "stream", None) is sys.stderr for h in logging.getLogger().handlers)
+    for text in exposure_warnings(config):
+        log.warning("open to the network: %s", text)
+        if to_stderr:
+            print(f"aigw: warning: open to the network: {text}", file=sys.stderr)
 
 
 class Gateway:
@@ -89,7 +139,14 @@ class Gateway:
                 config.completion.release_quiet_seconds if config.completion.release_hint else None
             ),
             ingest=self.ingest,
+            abort_grace_seconds=config.completion.abort_grace_seconds,
         )
+        # STOW-RS, the second transport of the same ingest (PS3.18 10.5), when enabled.
+        self.dicomweb: DicomWebServer | None = None
+        if config.dicomweb.enabled:
+            from gateway.dicomweb import DicomWebServer
+
+            self.dicomweb = DicomWebServer(config.dicomweb, config.gateway, self.ingest, self.data, self.metrics)
         dest_names = [d.name for d in config.destinations]
         self.completer = Completer(self.index, self.router, config.completion, self.metrics, dest_names)
         self.runner = JobRunner(
@@ -118,6 +175,9 @@ class Gateway:
             "database": self.index.ping(),
             "data_dir_writable": self.data.is_writable(),
             "listener": self.scp.is_up,
+            # False while new instances get 0xA700 for space ("refusing for space").
+            "free_space_above_watermark": not self.ingest.refusing_for_space(),
+            **({"dicomweb": self.dicomweb.is_up} if self.dicomweb is not None else {}),
         }
 
     def refresh_gauges(self) -> None:
@@ -127,16 +187,26 @@ class Gateway:
         self.metrics.send_backlog.set(counts["sends"].get(SendState.PENDING.value, 0))
         self.metrics.deadletter.set(counts["sends"].get(SendState.DEAD.value, 0))
         self.metrics.free_bytes.set(self.data.free_bytes())
+        self.ingest.refusing_for_space()  # keeps aigw_refusing_for_space current between stores
 
     # --------------------------------------------------------------- lifecycle
     def start(self) -> None:
+        _warn_exposure(self.config)
         left = self.data.clean_incoming()
         if left:
             log.info("removed %d partial upload(s) that were never acknowledged", left)
+        # A restart cut every association that was open: none of their senders
+        # said it was done, so no open series may complete on what it has yet.
+        grace = self.config.completion.abort_grace_seconds
+        deferred = self.index.defer_completion(None, now=time.time(), within=grace)
+        if deferred:
+            log.info("restart: %d open series wait at least %.0f s for their senders to resume", deferred, grace)
         if self.config.metrics.enabled:
             m = self.config.metrics
             with _naming_address(m.host, m.port):
-                self.http = MetricsServer(self.metrics, m.host, m.port, self.readiness, refresh=self.refresh_gauges)
+                self.http = MetricsServer(
+                    self.metrics, m.host, m.port, self.readiness, refresh=self.refresh_gauges, settings=m
+                )
             self.http.start()
             log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.http.port)
         self.refresh_gauges()
@@ -150,6 +220,9 @@ class Gateway:
         self.ingest.start()
         with _naming_address(self.config.gateway.host, self.config.gateway.port):
             self.scp.start()
+        if self.dicomweb is not None:
+            with _naming_address(self.config.dicomweb.host, self.config.dicomweb.port):
+                self.dicomweb.start()
         log.info(
             "aigw %s ready: pipelines %s; %s",
             __version__,
@@ -165,6 +238,8 @@ class Gateway:
         self._stopped.set()
         log.info("stopping")
         self.scp.stop()
+        if self.dicomweb is not None:
+            self.dicomweb.stop()
         self.ingest.stop()  # after every transport: none is receiving any more
         self.completer.stop()
         self.executor.stop(wait=True)
@@ -200,4 +275,8 @@ class Gateway:
     @property
     def dicom_port(self) -> int | None:
         return self.scp.port
+
+    @property
+    def dicomweb_port(self) -> int | None:
+        return self.dicomweb.port if self.dicomweb is not None else None
 

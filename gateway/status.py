@@ -1,7 +1,8 @@
 """Named DIMSE status codes and association rejection reasons.
 
 Storage statuses follow PS3.4 Annex B.2.3, Verification PS3.4 A.4.2 and
-association rejections PS3.8 9.3.4 (A-ASSOCIATE-RJ result, source, reason).
+association rejections PS3.8 9.3.4 (A-ASSOCIATE-RJ result, source, reason)
+and the listener's aborts PS3.8 9.3.8 (A-ABORT source, reason).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import NamedTuple
 
-__all__ = ["Rejection", "RejectReason", "StorageStatus", "is_transient_store_status"]
+__all__ = ["Abort", "AbortReason", "Rejection", "RejectReason", "StorageStatus", "is_transient_store_status"]
 
 
 class StorageStatus(IntEnum):
@@ -55,10 +56,56 @@ class RejectReason:
     CALLED_AE_NOT_RECOGNISED = Rejection(0x01, 0x01, 0x07, "called_ae_not_recognised")
     ADDRESS_NOT_ALLOWED = Rejection(0x01, 0x01, 0x01, "address_not_allowed")
     TOO_MANY_ASSOCIATIONS = Rejection(0x02, 0x03, 0x02, "local_limit_exceeded")
+    # The front door's (gateway/frontdoor.py): checked on the connection or the
+    # raw A-ASSOCIATE-RQ, before pynetdicom sees it.
+    TOO_MANY_CONNECTIONS = Rejection(0x02, 0x03, 0x02, "connection_limit")
+    TOO_MANY_FROM_ADDRESS = Rejection(0x02, 0x03, 0x02, "address_connection_limit")
+    PROTOCOL_VERSION_NOT_SUPPORTED = Rejection(0x01, 0x02, 0x02, "protocol_version_not_supported")
 
     ALL = (
         CALLING_AE_NOT_RECOGNISED,
         CALLED_AE_NOT_RECOGNISED,
         ADDRESS_NOT_ALLOWED,
         TOO_MANY_ASSOCIATIONS,
+        TOO_MANY_CONNECTIONS,
+        TOO_MANY_FROM_ADDRESS,
+        PROTOCOL_VERSION_NOT_SUPPORTED,
+    )
+
+
+class Abort(NamedTuple):
+    """How the listener ends a connection it will not serve, with a metric label.
+
+    ``source`` and ``reason`` are the A-ABORT PDU's fields (PS3.8 Table 9-26);
+    both ``None`` means the transport connection is closed without a PDU, as
+    PS3.8 9.2 action AA-2 does when ARTIM expires.
+    """
+
+    source: int | None
+    reason: int | None
+    label: str
+
+
+class AbortReason:
+    """Aborts the listener's front door gives (PS3.8 9.2 action AA-1, Table 9-26).
+
+    Source 2 is the DICOM UL service-provider; the reasons are 1
+    unrecognized-PDU, 2 unexpected-PDU, 4 unrecognized-PDU-parameter and 6
+    invalid-PDU-parameter-value.
+    """
+
+    UNRECOGNISED_PDU = Abort(0x02, 0x01, "unrecognised_pdu")
+    UNEXPECTED_PDU = Abort(0x02, 0x02, "unexpected_pdu")
+    UNRECOGNISED_ITEM = Abort(0x02, 0x04, "malformed_request")
+    MALFORMED_REQUEST = Abort(0x02, 0x06, "malformed_request")
+    PDU_TOO_LARGE = Abort(0x02, 0x06, "pdu_too_large")
+    ARTIM_EXPIRED = Abort(None, None, "artim_expired")
+
+    ALL = (
+        UNRECOGNISED_PDU,
+        UNEXPECTED_PDU,
+        UNRECOGNISED_ITEM,
+        MALFORMED_REQUEST,
+        PDU_TOO_LARGE,
+        ARTIM_EXPIRED,
     )

@@ -27,7 +27,8 @@ class InvalidUID(ValueError):
 
 def is_valid_uid(value: object) -> bool:
     """True if ``value`` is a syntactically valid UID (PS3.5 9.1)."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
+    # fullmatch, not match: ``$`` also matches before a final newline, which let "1.2.3\n" through.
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.fullmatch(value))
 
 
 def checked_uid(value: object, what: str = "UID") -> str:

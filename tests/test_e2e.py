@@ -40,10 +40,11 @@ def test_series_goes_through_pipeline_to_orthanc(
     jobs = wait_for(lambda: [j for j in _jobs(gw) if j.state == "sent"], 20, "job state sent")
     assert len(jobs) == 1 and jobs[0].outputs == 4
     code, body = http_get(f"http://127.0.0.1:{gw.metrics_port}/readyz")
-    assert code == 200 and json.loads(body)["checks"] == {"database": True, "data_dir_writable": True, "listener": True}
+    checks = {"database": True, "data_dir_writable": True, "listener": True, "free_space_above_watermark": True}
+    assert code == 200 and json.loads(body)["checks"] == checks
     assert http_get(f"http://127.0.0.1:{gw.metrics_port}/healthz")[0] == 200
     m = gw.metrics()
-    assert m['aigw_instances_received_total{outcome="stored"}'] == 4
+    assert m['aigw_instances_received_total{outcome="stored",transport="dimse"}'] == 4
     assert m['aigw_jobs_total{outcome="succeeded",pipeline="test-invert"}'] == 1
     assert m['aigw_send_attempts_total{destination="orthanc",outcome="sent"}'] == 4
     # The derived series is marked derived and references nothing identifying in logs.

@@ -245,6 +245,9 @@ class _FakeIndex:
         with self.lock:
             self.failed.append((job_id, error))
 
+    def earlier_results(self, series_uid: str, pipeline: str, version: int) -> list[Any]:
+        return []  # every series here is on its first version: nothing to supersede
+
 
 def _runner(tmp_path: Path, pipeline: Any, config: Config, registry: ModelRegistry) -> tuple[JobRunner, _FakeIndex]:
     index = _FakeIndex()

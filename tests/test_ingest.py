@@ -20,7 +20,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, _config
 
 from gateway.status import StorageStatus
-from tests.conftest import GatewayProcess, free_port, mr_series, need, storescu, wait_for
+from tests.conftest import GatewayProcess, free_port, http_get, mr_series, need, storescu, wait_for
 
 pytestmark = pytest.mark.peers
 
@@ -136,8 +136,8 @@ def test_real_world_files_are_stored_bit_exact(gateway: GatewayProcess, referenc
         assert len(matches) == 1, f"{name}: no stored file holds the bytes that were sent"
         assert str(dcmread(matches[0], stop_before_pixels=True).file_meta.TransferSyntaxUID) == ts, name
     m = gateway.metrics()
-    stored = m['aigw_instances_received_total{outcome="stored"}']
-    conflicts = m['aigw_instances_received_total{outcome="conflict"}']
+    stored = m['aigw_instances_received_total{outcome="stored",transport="dimse"}']
+    conflicts = m['aigw_instances_received_total{outcome="conflict",transport="dimse"}']
     assert stored + conflicts == len(REAL_FILES) and stored >= 12
 
 
@@ -152,9 +152,9 @@ def test_same_instance_twice_is_stored_once_and_conflict_kept(tmp_path: Path, ga
     ds.save_as(other)
     assert storescu(gateway.port, [other]).returncode == 0
     m = gateway.metrics()
-    assert m['aigw_instances_received_total{outcome="stored"}'] == 1
-    assert m['aigw_instances_received_total{outcome="duplicate"}'] == 1
-    assert m['aigw_instances_received_total{outcome="conflict"}'] == 1
+    assert m['aigw_instances_received_total{outcome="stored",transport="dimse"}'] == 1
+    assert m['aigw_instances_received_total{outcome="duplicate",transport="dimse"}'] == 1
+    assert m['aigw_instances_received_total{outcome="conflict",transport="dimse"}'] == 1
     assert dcmread(stored_path(gateway, src)).PixelData == dcmread(src).PixelData
     conflicts = list((gateway.data_dir / "conflicts").iterdir())
     assert len(conflicts) == 1 and dcmread(conflicts[0]).PixelData == ds.PixelData
@@ -230,8 +230,8 @@ def test_bad_data_sets_get_failure_status_and_listener_survives(tmp_path: Path, 
     assert storescu(gateway.port, [good]).returncode == 0
     assert stored_path(gateway, good).exists()
     m = gateway.metrics()
-    assert m['aigw_instances_received_total{outcome="invalid"}'] == 4
-    assert m['aigw_instances_received_total{outcome="stored"}'] == 1
+    assert m['aigw_instances_received_total{outcome="invalid",transport="dimse"}'] == 4
+    assert m['aigw_instances_received_total{outcome="stored",transport="dimse"}'] == 1
     assert list((gateway.data_dir / "incoming").iterdir()) == []
 
 
@@ -255,8 +255,8 @@ def test_oversize_instance_refused_out_of_resources(
     (small,) = mr_series(tmp_path / "s", n=1, seed=41)
     assert storescu(gw.port, [small]).returncode == 0
     m = gw.metrics()
-    assert m['aigw_instances_received_total{outcome="refused_size"}'] == 1
-    assert m['aigw_instances_received_total{outcome="stored"}'] == 1
+    assert m['aigw_instances_received_total{outcome="refused_size",transport="dimse"}'] == 1
+    assert m['aigw_instances_received_total{outcome="stored",transport="dimse"}'] == 1
 
 
 def test_full_disk_watermark_refuses_with_a700(tmp_path: Path, make_gateway: Callable[..., GatewayProcess]) -> None:
@@ -265,7 +265,10 @@ def test_full_disk_watermark_refuses_with_a700(tmp_path: Path, make_gateway: Cal
     assert _send_raw(gw.port, src) == StorageStatus.OUT_OF_RESOURCES
     assert not stored_path(gw, src).exists()
     assert _echo_ok(gw)
-    assert gw.metrics()['aigw_instances_received_total{outcome="refused_space"}'] == 1
+    assert gw.metrics()['aigw_instances_received_total{outcome="refused_space",transport="dimse"}'] == 1
+    code, body = http_get(f"http://127.0.0.1:{gw.metrics_port}/readyz")
+    assert code == 503 and b'"free_space_above_watermark": false' in body
+    assert gw.metrics()["aigw_refusing_for_space"] == 1
 
 
 def test_too_many_associations_rejected_transient(make_gateway: Callable[..., GatewayProcess]) -> None:
@@ -289,3 +292,48 @@ def test_source_address_allow_list(make_gateway: Callable[..., GatewayProcess]) 
     assert gw.metrics()['aigw_associations_rejected_total{reason="address_not_allowed"}'] == 1
     gw2 = make_gateway(gateway={"allow_hosts": ["127.0.0.0/8"]})
     assert _echo_ok(gw2)
+
+
+def test_malformed_data_sets_are_refused_over_dimse_and_stored_data_is_untouched(
+    tmp_path: Path, gateway: GatewayProcess
+) -> None:
+    """Issue 16's loopback attack: every case that would not read back gets a failure status, never 0x0000."""
+    from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+    from tests.test_structure import Enc, encode, image, nested, part10
+
+    (good,) = mr_series(tmp_path / "good", n=1, seed=61)
+    assert storescu(gateway.port, [good]).returncode == 0
+    kept = stored_path(gateway, good)
+    before = hashlib.sha256(kept.read_bytes()).hexdigest()
+
+    cases: dict[str, Path] = {}
+    for ts in (ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian):
+        wire = ExplicitVRLittleEndian if ts == DeflatedExplicitVRLittleEndian else ts
+        e, folder = Enc(wire), tmp_path / ts
+        folder.mkdir()
+        body = encode(image(), wire)
+        past_end = body + e.elem(0x7FE11010, "OB", b"\0" * 16, length=0x7FFFFFF0)
+        cases[f"{ts} past the end"] = part10(folder, past_end, ts, "a.dcm")
+        cases[f"{ts} short pixels"] = part10(folder, encode(image(pixels=b"\0" * 100), wire), ts, "b.dcm")
+        cases[f"{ts} 1000 deep"] = part10(folder, nested(e, 1000), ts, "c.dcm")
+        cases[f"{ts} 20000 deep"] = part10(folder, nested(e, 20000), ts, "d.dcm")
+    wrong_vr = tmp_path / "wrong-vr"
+    wrong_vr.mkdir()
+    implicit_bytes = encode(image(), ImplicitVRLittleEndian)
+    cases["implicit bytes as explicit"] = part10(wrong_vr, implicit_bytes, ExplicitVRLittleEndian)
+
+    for name, path in cases.items():
+        status = _send_raw(gateway.port, path)
+        assert status == StorageStatus.CANNOT_DECODE, f"{name}: 0x{status:04X}"
+        assert _echo_ok(gateway), name
+
+    # An MR data set in a C-STORE for the CT Image Storage SOP class (PS3.4 B.2.3).
+    ct_request = part10(tmp_path, dataset_bytes(good), ExplicitVRLittleEndian, "mr-as-ct.dcm", sop_class=CTImageStorage)
+    assert _send_raw(gateway.port, ct_request) == StorageStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+
+    assert hashlib.sha256(kept.read_bytes()).hexdigest() == before
+    m = gateway.metrics()
+    assert m['aigw_instances_received_total{outcome="invalid",transport="dimse"}'] == len(cases) + 1
+    assert m['aigw_instances_received_total{outcome="stored",transport="dimse"}'] == 1
+    assert list((gateway.data_dir / "incoming").iterdir()) == []

@@ -71,8 +71,9 @@ class Rig:
         assert not tmp.exists(), "the received temporary file outlived the call"
         return result
 
-    def count(self, outcome: str) -> float:
-        value = self.metrics.registry.get_sample_value("aigw_instances_received_total", {"outcome": outcome})
+    def count(self, outcome: str, transport: str = "dimse") -> float:
+        labels = {"outcome": outcome, "transport": transport}
+        value = self.metrics.registry.get_sample_value("aigw_instances_received_total", labels)
         return value or 0.0
 
 
@@ -185,6 +186,7 @@ def test_nothing_declared_uses_the_data_set_as_stow_does(tmp_path: Path, rig: Ri
     assert result.sop_class_uid == MRImageStorage
     row = rig.index.find_instance(result.sop_instance_uid)
     assert row is not None and row.calling_ae == "ward-7"
+    assert (rig.count("stored", "dicomweb"), rig.count("stored", "dimse")) == (1, 0)
 
 
 def test_same_bytes_twice_is_a_duplicate_and_other_bytes_a_conflict_kept_aside(tmp_path: Path, rig: Rig) -> None:
@@ -331,6 +333,7 @@ _EXPECTED_STATUS = {
     RefusalReason.SOP_CLASS_NOT_SUPPORTED: 0x0122,
     RefusalReason.TRANSFER_SYNTAX_NOT_SUPPORTED: 0xC210,
     RefusalReason.DATASET_MISMATCH: 0xC210,
+    RefusalReason.SOP_CLASS_MISMATCH: 0xA900,
     RefusalReason.INTERNAL_ERROR: 0xC211,
 }
 

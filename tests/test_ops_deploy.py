@@ -225,6 +225,9 @@ def test_dockerfile_runs_as_non_root_with_volume_healthcheck_and_ports() -> None
     assert dockerfile_args("VOLUME") == ['["/data"]']
     assert env["AIGW_DATA_DIR"] == "/data"
     assert env["AIGW_METRICS_HOST"] == "0.0.0.0"
+    # Bound beyond loopback, so closed by default: a bearer token, callers from listed networks only.
+    assert env["AIGW_METRICS_AUTH"] == "bearer" and env["AIGW_METRICS_CREDENTIAL_FILE"].startswith("/run/secrets/")
+    assert load_config(environ={k: v for k, v in env.items() if k.startswith("AIGW_")}).gateway.allow_hosts
 
     (health,) = dockerfile_args("HEALTHCHECK")
     m = re.search(r"http://127\.0\.0\.1:\$\{AIGW_METRICS_PORT:-(\d+)\}(/\w+)", health)
@@ -446,6 +449,7 @@ def test_compose_prometheus_targets_match_services() -> None:
 def test_compose_prometheus_config_passes_promtool(tmp_path: Path) -> None:
     shutil.copy(COMPOSE_DIR / "prometheus.yml", tmp_path / "prometheus.yml")
     shutil.copy(OPS / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
+    (tmp_path / "aigw-metrics-token").write_text("token\n")  # the compose secret; promtool checks it exists
     r = subprocess.run(
         [need("promtool"), "check", "config", "prometheus.yml"],
         cwd=tmp_path,
@@ -620,3 +624,43 @@ def test_k8s_servicemonitor_keeps_the_alert_job_names() -> None:
     # Pods carry the same label, for annotation-based discovery.
     for d in (o for o in k8s_objects() if o["kind"] == "Deployment"):
         assert d["spec"]["template"]["metadata"]["labels"][label] in ("aigw", "aigw-worker")
+
+
+def test_compose_metrics_token_is_shared_by_aigw_and_prometheus() -> None:
+    """/metrics asks for a bearer token in every aigw container, and Prometheus sends that same secret."""
+    c = compose()
+    (secret,) = c["secrets"]
+    assert Path(c["secrets"][secret]["file"]).name == "metrics-token"
+    # One aigw.toml for the gateway and the workers.
+    cfg = load_config(COMPOSE_DIR / "aigw.toml", environ=container_env(c["services"]["aigw"]))
+    assert cfg.metrics.auth == "bearer" and str(cfg.metrics.credential_file) == f"/run/secrets/{secret}"
+    assert cfg.gateway.allow_hosts, "the DICOM port is open to any address"
+    for name in AIGW_SERVICES:
+        assert c["services"][name]["secrets"] == [secret], name
+    (mount,) = c["services"]["prometheus"]["secrets"]
+    assert mount["source"] == secret
+    prom = yaml.safe_load((COMPOSE_DIR / "prometheus.yml").read_text())
+    for job in prom["scrape_configs"]:
+        creds = PurePosixPath("/etc/prometheus") / job["authorization"]["credentials_file"]
+        assert str(creds) == mount["target"], job["job_name"]
+
+
+def test_k8s_metrics_token_is_shared_by_the_pods_and_the_servicemonitor(tmp_path: Path) -> None:
+    path = tmp_path / "aigw.toml"
+    path.write_text(k8s_config_text())
+    env = {k: v for k, v in dockerfile_env().items() if k.startswith("AIGW_")}
+    env.update(k8s_object("Secret", "aigw-urls")["stringData"])
+    cfg = load_config(path, environ=env)
+    assert cfg.metrics.auth == "bearer" and cfg.gateway.allow_hosts
+    token = k8s_object("Secret", "aigw-metrics-token")
+    (key,) = token["stringData"]
+    for d in (o for o in k8s_objects() if o["kind"] == "Deployment"):
+        pod = d["spec"]["template"]["spec"]
+        (vol,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == token["metadata"]["name"]]
+        (item,) = vol["secret"]["items"]
+        (mount,) = [m for m in main_container(d)["volumeMounts"] if m["name"] == vol["name"]]
+        assert PurePosixPath(mount["mountPath"]) / item["path"] == PurePosixPath(str(cfg.metrics.credential_file))
+        assert item["key"] == key
+    for endpoint in k8s_object("ServiceMonitor", "aigw")["spec"]["endpoints"]:
+        auth = endpoint["authorization"]
+        assert auth["type"] == "Bearer" and auth["credentials"] == {"name": token["metadata"]["name"], "key": key}

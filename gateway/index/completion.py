@@ -40,6 +40,38 @@ class CompletionTable(IndexBase):
             )
             return int(res.rowcount or 0)
 
+    def defer_completion(self, series_uids: Iterable[str] | None, *, now: float, within: float) -> int:
+        """Push receiving series' deadlines back to at least ``now + within``: a transfer was interrupted.
+
+        An association that ends by abort or a dropped connection, or a
+        restart that cut every association, says nothing about whether the
+        sender finished; a hint or a short quiet period would complete the
+        series on what it has, and the re-sent rest would then make a second,
+        different result. The deadline is only ever moved later here, and the
+        series completes by its timer (``completed_by`` cleared), so a sender
+        that resumes within the grace period keeps the series open.
+
+        Parameters
+        ----------
+        series_uids : iterable of str or None
+            The interrupted association's series; None for every receiving series.
+        now, within : float
+            The new deadline is at least ``now + within`` seconds.
+        """
+        query = (
+            series_t.update()
+            .where(series_t.c.state == SeriesState.RECEIVING.value)
+            .where(series_t.c.deadline < now + within)
+            .values(deadline=now + within, completed_by=None)
+        )
+        if series_uids is not None:
+            uids = list(series_uids)
+            if not uids:
+                return 0
+            query = query.where(series_t.c.series_uid.in_(uids))
+        with self._tx() as conn:
+            return int(conn.execute(query).rowcount or 0)
+
     def force_complete(self, series_uid: str, *, now: float) -> bool:
         """Make the series due now; a series already routed gets a new version to run again."""
         with self._tx() as conn:

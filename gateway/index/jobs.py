@@ -194,6 +194,20 @@ class JobTable(IndexBase):
             row = conn.execute(sa.select(jobs_t).where(jobs_t.c.id == job_id)).first()
         return None if row is None else from_row(JobRow, row)
 
+    def earlier_results(self, series_uid: str, pipeline: str, version: int) -> list[JobRow]:
+        """Jobs of ``pipeline`` that succeeded on earlier versions of the series: what a rerun supersedes."""
+        done = (JobState.SUCCEEDED.value, JobState.SENT.value)
+        with self._ro() as conn:
+            q = (
+                sa.select(jobs_t)
+                .where(jobs_t.c.series_uid == series_uid)
+                .where(jobs_t.c.pipeline == pipeline)
+                .where(jobs_t.c.series_version < version)
+                .where(jobs_t.c.state.in_(done))
+                .order_by(jobs_t.c.series_version)
+            )
+            return [from_row(JobRow, r) for r in conn.execute(q)]
+
     def list_jobs(self, state: str | None = None, limit: int = 100) -> list[JobRow]:
         """The newest ``limit`` jobs (in ``state`` if given), newest first."""
         with self._ro() as conn:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from gateway.apps.viewer._tools import find_tool, free_port, http_request, setup_hint, wait_until
+from gateway.apps.viewer._tools import find_tool, free_port, setup_hint, wait_until
+from gateway.apps.viewer._tools import http_request as _http_request
 
 __all__ = ["DICOMWEB_PLUGIN", "Orthanc"]
 
@@ -32,6 +34,13 @@ class Orthanc:
     dicomweb : bool or None
         Load the DICOMweb plugin (``/dicom-web/``, ``/wado``). ``None`` loads it
         when it is installed; ``True`` requires it.
+    dicomweb_config : dict, optional
+        More keys of the ``DicomWeb`` section, for example ``Servers``: the
+        peers of Orthanc's own STOW-RS client (``/dicom-web/servers/{name}/stow``).
+    users : dict of str to str, optional
+        Require HTTP basic auth (REST and DICOMweb) with these user names and
+        passwords (``AuthenticationEnabled``, ``RegisteredUsers``); the REST
+        helpers log in as the first one.
     """
 
     def __init__(
@@ -41,8 +50,15 @@ class Orthanc:
         always_allow_store: bool = True,
         check_called_aet: bool = False,
         dicomweb: bool | None = None,
+        dicomweb_config: dict[str, Any] | None = None,
+        users: dict[str, str] | None = None,
     ) -> None:
         self.root = root
+        self._auth: dict[str, str] = {}
+        if users:
+            user, password = next(iter(users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+            self._auth = {"Authorization": f"Basic {token}"}
         self.ae_title = ae_title
         self.dicom_port = free_port()
         self.http_port = free_port()
@@ -61,7 +77,8 @@ class Orthanc:
             "DicomPort": self.dicom_port,
             "DicomAet": ae_title,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(users),
+            "RegisteredUsers": dict(users or {}),
             "DicomCheckCalledAet": check_called_aet,
             "DicomAlwaysAllowStore": always_allow_store,
             "DicomAlwaysAllowEcho": True,
@@ -84,6 +101,7 @@ class Orthanc:
                 "Ssl": False,
                 "StudiesMetadata": "Full",
                 "SeriesMetadata": "Full",
+                **(dicomweb_config or {}),
             }
         self.config = root / "orthanc.json"
         self.config.write_text(json.dumps(cfg, indent=1))
@@ -99,7 +117,7 @@ class Orthanc:
         if self.proc is not None and self.proc.poll() is not None:
             log_text = (self.root / "orthanc.log").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"Orthanc exited with {self.proc.returncode}:\n{log_text}")
-        return http_request("GET", f"{self.url}/system", timeout=5)[0] == 200
+        return self._http("GET", f"{self.url}/system", timeout=5)[0] == 200
 
     def stop(self, graceful: bool = True) -> None:
         """Stop Orthanc (SIGTERM, then SIGKILL after 10 s; at once when not ``graceful``).
@@ -118,6 +136,17 @@ class Orthanc:
                 self.proc.wait()
             self.proc = None
 
+    def _http(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 30,
+    ) -> tuple[int, bytes]:
+        """An HTTP request to this Orthanc, logged in when it has users."""
+        return _http_request(method, url, body, {**self._auth, **(headers or {})}, timeout)
+
     @property
     def url(self) -> str:
         """Base URL of the REST API."""
@@ -131,7 +160,7 @@ class Orthanc:
         RuntimeError
             On any status but 200.
         """
-        code, body = http_request("GET", self.url + path)
+        code, body = self._http("GET", self.url + path)
         if code != 200:
             raise RuntimeError(f"Orthanc GET {path}: HTTP {code}")
         return json.loads(body)
@@ -163,7 +192,7 @@ class Orthanc:
         """
         out = []
         for path in [files] if isinstance(files, Path) else files:
-            code, body = http_request(
+            code, body = self._http(
                 "POST", f"{self.url}/instances", path.read_bytes(), {"Content-Type": "application/dicom"}, timeout=120
             )
             if code != 200:
@@ -179,7 +208,7 @@ class Orthanc:
         KeyError
             When Orthanc holds nothing at ``level`` with that UID.
         """
-        code, body = http_request("POST", f"{self.url}/tools/lookup", uid.encode(), timeout=10)
+        code, body = self._http("POST", f"{self.url}/tools/lookup", uid.encode(), timeout=10)
         for hit in json.loads(body) if code == 200 else []:
             if hit.get("Type") == level:
                 return str(hit["ID"])
@@ -191,7 +220,7 @@ class Orthanc:
 
     def file(self, instance_id: str) -> bytes:
         """The DICOM file of one instance, as Orthanc stores it."""
-        code, body = http_request("GET", f"{self.url}/instances/{instance_id}/file", timeout=120)
+        code, body = self._http("GET", f"{self.url}/instances/{instance_id}/file", timeout=120)
         if code != 200:
             raise RuntimeError(f"Orthanc GET /instances/{instance_id}/file: HTTP {code}")
         return body
@@ -208,7 +237,7 @@ class Orthanc:
             When Orthanc cannot render it (HTTP 415 for float pixel data or a
             data set without pixels).
         """
-        code, body = http_request(
+        code, body = self._http(
             "GET", f"{self.url}/instances/{instance_id}/frames/{frame}/preview", headers={"Accept": "image/png"}
         )
         if code != 200:

@@ -1,0 +1,261 @@
+"""The DICOMweb HTTP server: STOW-RS routes, bearer authentication, uvicorn in the service's process.
+
+Identity works as for DIMSE: each configured token names a source, which
+ingest records as the instance's calling AE, so routes' ``calling_ae`` and
+``[gateway] allow_ae`` / ``allow_hosts`` apply to both transports. Tokens are
+configured only as their SHA-256 and compared with
+:func:`hmac.compare_digest` (RFC 6750 bearer tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import socket
+import threading
+from email.message import Message
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as AsgiMessage
+
+from gateway.config import DicomWebSettings, GatewaySettings
+from gateway.ingest import Ingest, Source, Transport
+from gateway.metrics import Metrics
+from gateway.storage import DataDir
+from gateway.uids import InvalidUID, checked_uid
+
+from .store import DICOM_JSON, DICOM_MEDIA_TYPE, RequestRefused, ingest_parts, receive_parts, store_response
+
+__all__ = ["DicomWebServer", "hash_token"]
+
+log = logging.getLogger(__name__)
+
+_STOP_GRACE_SECONDS = 5  # requests still running at stop get this long, then are cancelled (files removed)
+
+
+def hash_token(token: str) -> str:
+    """The SHA-256 (hex) under which a bearer token is configured (``[[dicomweb.tokens]] sha256``)."""
+    return hashlib.sha256(token.strip().encode("utf-8")).hexdigest()
+
+
+class _CountResponses:
+    """ASGI middleware: ``aigw_http_requests_total{code}`` for every response sent."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: AsgiMessage) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.http_requests.labels(code=str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def _error(status: int, detail: str, close: bool = False, headers: dict[str, str] | None = None) -> Response:
+    """A plain-text error; ``close`` when the body was not read (the connection cannot be reused)."""
+    h = dict(headers or {})
+    if close:
+        h["Connection"] = "close"
+    return Response(detail + "\n", status_code=status, media_type="text/plain", headers=h)
+
+
+class DicomWebServer:
+    """STOW-RS on uvicorn, in a thread of the service's process.
+
+    Parameters
+    ----------
+    settings : DicomWebSettings
+        ``[dicomweb]``: address, tokens, TLS and limits.
+    gateway : GatewaySettings
+        ``allow_ae`` and ``allow_hosts`` apply here as to associations.
+    ingest : Ingest
+        The service's ingest, shared with the DIMSE listener.
+    data : DataDir
+        Parts are streamed into its ``incoming`` folder.
+    metrics : Metrics
+        ``aigw_http_requests_total``; ingest counts the instances.
+    """
+
+    def __init__(
+        self, settings: DicomWebSettings, gateway: GatewaySettings, ingest: Ingest, data: DataDir, metrics: Metrics
+    ) -> None:
+        self.settings = settings
+        self.gateway = gateway
+        self.ingest = ingest
+        self.data = data
+        self.metrics = metrics
+        self._tokens = [(t.sha256.encode("ascii"), t.source) for t in settings.tokens]
+        self._networks = [ipaddress.ip_network(h, strict=False) for h in gateway.allow_hosts]
+        routes = [
+            Route("/studies", self._stow, methods=["POST"]),
+            Route("/studies/{study}", self._stow, methods=["POST"]),
+        ]
+        self.app = _CountResponses(Starlette(routes=routes), metrics)
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.port: int | None = None
+
+    # --------------------------------------------------------------- lifecycle
+    def start(self, timeout: float = 30) -> int:
+        """Bind and serve (non-blocking); returns the bound port.
+
+        Raises
+        ------
+        OSError
+            When the address cannot be bound.
+        RuntimeError
+            When the server does not come up within ``timeout`` seconds.
+        """
+        s = self.settings
+        family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on accepted sockets whose
+        # protocol says TCP, and without it each answer's second write waits for the
+        # client's delayed ACK (40 ms per request, measured by ops/bench/stow.py).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((s.host, s.port))
+        except OSError:
+            sock.close()
+            raise
+        self.port = int(sock.getsockname()[1])
+        config = uvicorn.Config(
+            self.app,
+            http="h11",
+            ws="none",
+            lifespan="off",
+            log_config=None,  # the service configures logging; a library never does
+            access_log=False,  # paths carry study UIDs; requests are logged by outcome instead
+            server_header=False,
+            ssl_certfile=str(s.tls_cert) if s.tls_cert else None,
+            ssl_keyfile=str(s.tls_key) if s.tls_key else None,
+            timeout_graceful_shutdown=_STOP_GRACE_SECONDS,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="aigw-dicomweb", daemon=True
+        )
+        self._thread.start()
+        done = threading.Event()
+        for _ in range(int(timeout * 20)):
+            if self._server.started or not self._thread.is_alive():
+                break
+            done.wait(0.05)
+        if not self._server.started:
+            self.stop()
+            raise RuntimeError(f"DICOMweb server on {s.host}:{self.port} did not start")
+        scheme = "https" if s.tls_cert else "http"
+        log.info("DICOMweb STOW-RS on %s://%s:%d/studies", scheme, s.host, self.port)
+        return self.port
+
+    def stop(self) -> None:
+        """Stop serving; requests in progress get a few seconds to finish, then their files are removed."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(_STOP_GRACE_SECONDS + 10)
+        self._server = None
+        self._thread = None
+
+    @property
+    def is_up(self) -> bool:
+        return self._server is not None and self._server.started and not self._server.should_exit
+
+    # ---------------------------------------------------------------- requests
+    def _authenticate(self, request: Request) -> str | Response:
+        """The source name of the request's bearer token, or the 401/403 answer (RFC 6750 3)."""
+        s = self.settings
+        header = request.headers.get("authorization")
+        source: str | None = None
+        if header is None:
+            if not s.allow_anonymous:
+                return _error(401, "authentication required", True, {"WWW-Authenticate": 'Bearer realm="aigw"'})
+            source = s.anonymous_source
+        else:
+            scheme, _, token = header.partition(" ")
+            digest = hash_token(token).encode("ascii") if scheme.lower() == "bearer" and token.strip() else b""
+            for known, name in self._tokens:
+                # Every entry is compared, so the time taken says nothing about which one matched.
+                if hmac.compare_digest(digest, known) and source is None:
+                    source = name
+            if source is None:
+                challenge = 'Bearer realm="aigw", error="invalid_token"'
+                return _error(401, "invalid bearer token", True, {"WWW-Authenticate": challenge})
+        if self.gateway.allow_ae and source not in self.gateway.allow_ae:
+            return _error(403, "this source is not in [gateway] allow_ae", True)
+        if self._networks:
+            try:
+                addr = ipaddress.ip_address(request.client.host if request.client else "")
+            except ValueError:
+                return _error(403, "peer address not allowed", True)
+            if not any(addr in n for n in self._networks):
+                return _error(403, "peer address not allowed", True)
+        return source
+
+    async def _stow(self, request: Request) -> Response:
+        """STOW-RS Store Instances (PS3.18 10.5): ``POST /studies[/{study}]``."""
+        who = self._authenticate(request)
+        if isinstance(who, Response):
+            return who
+        address = request.client.host if request.client else ""
+        study = request.path_params.get("study")
+        if study is not None:
+            try:
+                study = checked_uid(study, "StudyInstanceUID of the target resource")
+            except InvalidUID as exc:
+                return _error(400, str(exc), True)
+        ctype = Message()
+        ctype["content-type"] = request.headers.get("content-type", "")
+        # PS3.18 10.5.1.2: multipart/related; type="application/dicom"; boundary=...
+        if ctype.get_content_type() != "multipart/related":
+            return _error(415, 'Content-Type must be multipart/related; type="application/dicom"', True)
+        part_type = str(ctype.get_param("type") or DICOM_MEDIA_TYPE).split(";", 1)[0].strip().lower()
+        if part_type != DICOM_MEDIA_TYPE:
+            return _error(415, f"multipart/related of {part_type} is not supported; only {DICOM_MEDIA_TYPE}", True)
+        boundary = ctype.get_param("boundary")
+        if not isinstance(boundary, str) or not boundary:
+            return _error(400, "Content-Type has no boundary parameter", True)
+        limit = self.settings.max_request_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return _error(413, f"request body exceeds max_request_bytes={limit}", True)
+        source = Source(Transport.DICOMWEB, who, address)
+        try:
+            parts = await receive_parts(
+                request.receive,
+                boundary.encode("latin-1"),
+                self.data.incoming,
+                limit,
+                self.settings.request_timeout_seconds,
+                self.metrics,
+            )
+        except RequestRefused as exc:
+            log.warning("STOW-RS request from %s refused with HTTP %d: %s", who, exc.status, exc.detail)
+            return _error(exc.status, exc.detail, True)
+        results = await ingest_parts(self.ingest, parts, study, source)
+        status, body = store_response(results)
+        failed = sum(r.failure is not None for r in results)
+        log.info(
+            "STOW-RS from %s: %d part(s), %d stored, %d failed; HTTP %d",
+            who,
+            len(results),
+            len(results) - failed,
+            failed,
+            status,
+        )
+        return Response(json.dumps(body), status_code=status, media_type=DICOM_JSON)

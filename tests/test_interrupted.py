@@ -1,0 +1,146 @@
+"""Interrupted transfers: an aborted or cut association never completes its series on what it has.
+
+A release says "I sent everything"; an A-ABORT, a dropped connection or a
+crash of the gateway says nothing of the kind. Completing the series then
+would send a partial result, and the re-sent rest a second, different one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom import dcmread
+from pynetdicom import AE
+
+from gateway.index import Index, InstanceRecord, SeriesState
+from tests.conftest import GatewayProcess, mr_series, storescu, wait_for
+
+GRACE = 8.0
+
+
+def _state(gw: GatewayProcess, series_uid: str) -> str | None:
+    index = gw.index()
+    try:
+        row = index.get_series(series_uid)
+        return None if row is None else row.state
+    finally:
+        index.close()
+
+
+def _send_then_abort(port: int, files: list[Path]) -> None:
+    ae = AE(ae_title="SCANNER")
+    ds = [dcmread(f) for f in files]
+    ae.add_requested_context(ds[0].SOPClassUID, ds[0].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="AIGW")
+    assert assoc.is_established
+    for d in ds:
+        assert assoc.send_c_store(d).Status == 0x0000
+    assoc.abort()
+
+
+def test_defer_only_moves_deadlines_later(tmp_path: Path) -> None:
+    index = Index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    try:
+        for uid, quiet in (("1.2.3", 100.0), ("1.2.4", 1.0)):
+            rec = InstanceRecord(
+                sop_instance_uid=uid + ".1",
+                series_uid=uid,
+                study_uid="1.2",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+                transfer_syntax="1.2.840.10008.1.2.1",
+                path=tmp_path / uid,
+                size_bytes=1,
+                sha256="0" * 64,
+                calling_ae="S",
+                modality="MR",
+                headers={},
+            )
+            index.record_instance(rec, now=1000.0, quiet_seconds=quiet, reprocess_late=True)
+        assert index.defer_completion(None, now=1000.0, within=10.0) == 1  # only the one due sooner
+        due = {r.series_uid: r.deadline for r in index.receiving_series()}
+        assert due == {"1.2.3": 1100.0, "1.2.4": 1010.0}
+        assert index.defer_completion([], now=1000.0, within=50.0) == 0
+    finally:
+        index.close()
+
+
+def test_abort_keeps_the_series_open_for_the_grace_period(
+    tmp_path: Path, make_gateway: Callable[..., GatewayProcess]
+) -> None:
+    gw = make_gateway(series_timeout=1, release_quiet=0.2, completion={"abort_grace_seconds": GRACE})
+    files = mr_series(tmp_path / "in", n=4, seed=81)
+    series_uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    t0 = time.monotonic()
+    _send_then_abort(gw.port, files[:2])
+    time.sleep(3)  # three quiet periods: without the grace it would have completed
+    assert _state(gw, series_uid) == SeriesState.RECEIVING.value
+    assert "ended without release" in gw.log()
+    # The sender resumes and finishes properly: one series, all four instances, one job.
+    assert storescu(gw.port, files[2:]).returncode == 0
+    wait_for(lambda: _state(gw, series_uid) != SeriesState.RECEIVING.value, 30, "completion after the resume")
+    assert time.monotonic() - t0 < GRACE + 20
+    index = gw.index()
+    try:
+        row = index.get_series(series_uid)
+        assert row is not None and row.instance_count == 4 and row.version == 1
+        assert len([j for j in index.list_jobs() if j.series_uid == series_uid]) == 1
+    finally:
+        index.close()
+
+
+def test_a_released_association_still_completes_at_once(
+    tmp_path: Path, make_gateway: Callable[..., GatewayProcess]
+) -> None:
+    # The control case: the grace applies to interrupted transfers only.
+    gw = make_gateway(series_timeout=30, release_quiet=0.2, completion={"abort_grace_seconds": 60})
+    files = mr_series(tmp_path / "in", n=2, seed=82)
+    series_uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert storescu(gw.port, files).returncode == 0
+    wait_for(lambda: _state(gw, series_uid) != SeriesState.RECEIVING.value, 10, "completion on release")
+
+
+def test_restart_gives_open_series_a_fresh_grace(
+    tmp_path: Path, make_gateway: Callable[..., GatewayProcess]
+) -> None:
+    gw = make_gateway(series_timeout=1.5, release_quiet=None, completion={"abort_grace_seconds": GRACE})
+    files = mr_series(tmp_path / "in", n=3, seed=83)
+    series_uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert storescu(gw.port, files[:2]).returncode == 0
+    gw.kill9()  # before the quiet period ends: the series is open in the index
+    time.sleep(2)  # its old deadline passes while the gateway is down
+    gw.start()
+    time.sleep(2)
+    assert _state(gw, series_uid) == SeriesState.RECEIVING.value, "completed on a partial series after restart"
+    assert "open series wait" in gw.log()
+    assert storescu(gw.port, files[2:]).returncode == 0
+    wait_for(lambda: _state(gw, series_uid) != SeriesState.RECEIVING.value, 30, "completion after the resume")
+    index = gw.index()
+    try:
+        row = index.get_series(series_uid)
+        assert row is not None and row.instance_count == 3 and row.version == 1
+    finally:
+        index.close()
+
+
+def test_a_rerun_after_late_instances_says_it_supersedes_the_first_result(
+    tmp_path: Path, make_gateway: Callable[..., GatewayProcess]
+) -> None:
+    gw = make_gateway(series_timeout=1, release_quiet=0.2)  # no destination: results land in the outbox
+    files = mr_series(tmp_path / "in", n=3, seed=84)
+    assert storescu(gw.port, files[:2]).returncode == 0
+
+    def outputs() -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        for path in sorted((gw.data_dir / "outbox").rglob("*.dcm")):
+            job = int(path.parent.name)  # outbox/<job id>/
+            out.setdefault(job, []).append(str(dcmread(path, stop_before_pixels=True).SeriesDescription))
+        return out
+
+    wait_for(lambda: len(outputs()) == 1, 30, "the first result")
+    assert storescu(gw.port, files[2:]).returncode == 0  # a late instance: the series runs again
+    wait_for(lambda: len(outputs()) == 2, 30, "the second result")
+    first, second = (outputs()[k] for k in sorted(outputs()))
+    assert not any("supersedes" in d for d in first)
+    assert len(second) == 3 and all(d.endswith("(supersedes v1)") and len(d) <= 64 for d in second)
