@@ -175,8 +175,10 @@ class DestinationType(str, Enum):
 
 
 _DIMSE_KEYS = ("ae_title", "host", "port")
+#: Optional keys of a dimse destination: DICOM TLS (PS3.15 B.9); ca_file is shared with dicomweb.
+_DIMSE_TLS_KEYS = ("tls", "cert_file", "key_file", "server_name")
 _DICOMWEB_KEYS = (
-    "url", "token_env", "username", "password_env", "batch_size", "timeout_seconds", "ca_file", "verify",
+    "url", "token_env", "username", "password_env", "batch_size", "timeout_seconds", "verify",
 )  # fmt: skip
 
 
@@ -204,8 +206,16 @@ class Destination(_Strict):
     timeout_seconds: float | None = Field(
         default=None, gt=0, description="dicomweb: connect and read timeout; default send.timeout_seconds"
     )
-    ca_file: Path | None = Field(default=None, description="dicomweb: CA bundle (PEM) to verify an https server")
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle (PEM) to verify the server: an https url, or a dimse peer with tls"
+    )
     verify: bool = Field(default=True, description="dicomweb: verify the https server's certificate and host name")
+    tls: bool = Field(default=False, description="dimse: DICOM TLS (PS3.15 B.9), TLS 1.2 or later, BCP 195 ciphers")
+    cert_file: Path | None = Field(default=None, description="dimse tls: our client certificate (PEM), if asked for")
+    key_file: Path | None = Field(default=None, description="dimse tls: the private key (PEM) of cert_file")
+    server_name: str | None = Field(
+        default=None, min_length=1, description="dimse tls: name the server's certificate must carry; default host"
+    )
 
     _ae = field_validator("ae_title")(lambda cls, v: v if v is None else _check_ae(v))
 
@@ -214,7 +224,9 @@ class Destination(_Strict):
         # Refuse keys of the other type rather than ignore them: a dicomweb
         # destination with a port, or a dimse one with a url, is a typo.
         own, other = (
-            (_DIMSE_KEYS, _DICOMWEB_KEYS) if self.type == DestinationType.DIMSE else (_DICOMWEB_KEYS, _DIMSE_KEYS)
+            ((*_DIMSE_KEYS, *_DIMSE_TLS_KEYS), _DICOMWEB_KEYS)
+            if self.type == DestinationType.DIMSE
+            else (_DICOMWEB_KEYS, (*_DIMSE_KEYS, *_DIMSE_TLS_KEYS))
         )
         wrong = [k for k in other if getattr(self, k) != type(self).model_fields[k].default]
         if wrong:
@@ -225,6 +237,11 @@ class Destination(_Strict):
             missing = [k for k in _DIMSE_KEYS if getattr(self, k) is None]
             if missing:
                 raise ValueError(f"a dimse destination needs {', '.join(missing)} (or type = 'dicomweb' and url)")
+            tls_only = [k for k in ("ca_file", "cert_file", "key_file", "server_name") if getattr(self, k) is not None]
+            if tls_only and not self.tls:
+                raise ValueError(f"{', '.join(tls_only)}: apply with tls = true only")
+            if (self.cert_file is None) != (self.key_file is None):
+                raise ValueError("cert_file and key_file go together (a client certificate and its key)")
             return self
         if self.url is None:
             raise ValueError("a dicomweb destination needs url, e.g. 'http://pacs:8042/dicom-web'")
@@ -238,6 +255,24 @@ class Destination(_Strict):
             raise ValueError("ca_file and verify apply to an https:// url only")
         if self.ca_file is not None and not self.verify:
             raise ValueError("ca_file with verify = false: the CA file would not be used")
+        return self
+
+
+class ListenerTLS(_Strict):
+    """The DICOM TLS listener (PS3.15 B.9): its own port beside the plain one, TLS 1.2 or later, BCP 195 ciphers."""
+
+    port: int = Field(default=2762, ge=0, le=65535, description="TLS listen port (2762: dicom-tls); 0 picks one")
+    cert_file: Path = Field(description="our server certificate chain (PEM)")
+    key_file: Path = Field(description="the private key (PEM) of cert_file")
+    ca_file: Path | None = Field(default=None, description="CA bundle (PEM) that client certificates must chain to")
+    require_client_cert: bool = Field(
+        default=False, description="refuse a handshake without a client certificate from ca_file (mutual TLS)"
+    )
+
+    @model_validator(mode="after")
+    def _client_auth(self) -> ListenerTLS:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file, the CA that client certificates chain to")
         return self
 
 
@@ -280,6 +315,9 @@ class GatewaySettings(_Strict):
     )
     max_connections_per_address: int = Field(
         default=32, ge=1, le=10_000, description="TCP connections at once from one source address"
+    )
+    tls: ListenerTLS | None = Field(
+        default=None, description="[gateway.tls]: a DICOM TLS listener beside the plain one; unset: none"
     )
 
     _ae = field_validator("ae_title")(lambda cls, v: _check_ae(v))

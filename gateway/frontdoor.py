@@ -15,7 +15,11 @@ bytes each, and enforces before any thread exists:
 * the A-ASSOCIATE-RQ itself (:func:`check_associate_rq`, PS3.8 9.3.2): a
   malformed one gets an A-ABORT (action AA-1), a wrong protocol version an
   A-ASSOCIATE-RJ (PS3.8 9.3.4), and neither reaches pynetdicom;
-* the association limit, counted like every other refusal.
+* the association limit, counted like every other refusal;
+* on the DICOM TLS port (PS3.15 B.9), the TLS handshake, done here without
+  blocking and within ARTIM; a failed one (unknown CA, expired certificate,
+  a plain client) is closed and counted as ``tls_handshake_failed``. From
+  then on the TLS socket is read exactly as a plain one.
 
 Only a complete, valid request is handed to pynetdicom's association
 machinery (:class:`_HandoffServer`), with the bytes already read replayed
@@ -36,6 +40,7 @@ from __future__ import annotations
 import logging
 import selectors
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -406,6 +411,16 @@ class _Conn:
     buf: bytearray = field(default_factory=bytearray)
     need: int = 6
     closing: bool = False
+    #: A TLS connection whose handshake is not done yet.
+    handshaking: bool = False
+
+
+@dataclass
+class _Listener:
+    """A listening socket and, for the DICOM TLS port, its SSL context."""
+
+    sock: socket.socket
+    ssl_context: ssl.SSLContext | None = None
 
 
 class FrontDoor:
@@ -425,6 +440,9 @@ class FrontDoor:
         Called with a refusal's metric label once per refusal.
     refusals : RefusalLog, optional
         Where refusals are logged; shared with the association policy.
+    tls : tuple, optional
+        ``((host, port), ssl_context)``: a DICOM TLS port beside the plain one,
+        with the same caps and limits (PS3.15 B.9).
     """
 
     def __init__(
@@ -435,6 +453,7 @@ class FrontDoor:
         evt_handlers: list[Any],
         count: Callable[[str], None],
         refusals: RefusalLog | None = None,
+        tls: tuple[tuple[str, int], ssl.SSLContext] | None = None,
     ) -> None:
         self.limits = limits
         self._count = count
@@ -444,6 +463,18 @@ class FrontDoor:
         self._listen: socket.socket = self._server.socket
         self._listen.setblocking(False)
         self.port = int(self._server.server_address[1])
+        self._listeners = [_Listener(self._listen)]
+        #: The DICOM TLS port, if any; bound here, so that a port in use fails the start.
+        self.tls_port: int | None = None
+        if tls is not None:
+            try:
+                tls_sock = socket.create_server(tls[0], backlog=_HandoffServer.request_queue_size)
+            except OSError:
+                self._server.server_close()
+                raise
+            tls_sock.setblocking(False)
+            self._listeners.append(_Listener(tls_sock, tls[1]))
+            self.tls_port = int(tls_sock.getsockname()[1])
         self._sel = selectors.DefaultSelector()
         self._conns: dict[int, _Conn] = {}
         self._live: list[tuple[Association, str]] = []
@@ -454,7 +485,8 @@ class FrontDoor:
     # ------------------------------------------------------------ lifecycle
     def start(self) -> int:
         """Start the selector thread; returns the bound port."""
-        self._sel.register(self._listen, selectors.EVENT_READ, None)
+        for listener in self._listeners:
+            self._sel.register(listener.sock, selectors.EVENT_READ, listener)
         self._thread.start()
         return self.port
 
@@ -466,6 +498,8 @@ class FrontDoor:
         for conn in list(self._conns.values()):
             self._close(conn)
         self._sel.close()
+        for listener in self._listeners[1:]:
+            listener.sock.close()
         self._server.server_close()
 
     @property
@@ -485,8 +519,8 @@ class FrontDoor:
                 now = time.monotonic()
                 wait = min((c.deadline for c in self._conns.values()), default=now + _TICK_SECONDS) - now
                 for key, _ in self._sel.select(min(max(wait, 0.0), _TICK_SECONDS)):
-                    if key.data is None:
-                        self._accept()
+                    if isinstance(key.data, _Listener):
+                        self._accept(key.data)
                     else:
                         self._service(key.data)
                 self._expire(time.monotonic())
@@ -496,10 +530,10 @@ class FrontDoor:
                 log.exception("front door loop failed; continuing")
                 time.sleep(_TICK_SECONDS)
 
-    def _accept(self) -> None:
+    def _accept(self, listener: _Listener) -> None:
         for _ in range(64):  # then let established connections have a turn
             try:
-                sock, peer = self._listen.accept()
+                sock, peer = listener.sock.accept()
             except BlockingIOError:
                 return
             except OSError as e:  # out of file descriptors: the backlog waits
@@ -508,30 +542,72 @@ class FrontDoor:
                 return
             sock.setblocking(False)
             address = str(peer[0])
+            # Before a TLS handshake no DICOM can be spoken: over a cap, the TLS port only closes.
+            plain = listener.ssl_context is None
             if self.connections >= self.limits.max_connections:
-                self._turn_away(sock, address, RejectReason.TOO_MANY_CONNECTIONS, "max_connections")
+                self._turn_away(sock, address, RejectReason.TOO_MANY_CONNECTIONS, "max_connections", plain)
             elif self._per_address[address] >= self.limits.max_per_address:
-                self._turn_away(sock, address, RejectReason.TOO_MANY_FROM_ADDRESS, "max_connections_per_address")
+                self._turn_away(sock, address, RejectReason.TOO_MANY_FROM_ADDRESS, "max_connections_per_address", plain)
             else:
+                if listener.ssl_context is not None:
+                    # The handshake runs in the selector loop (_handshake), bounded by ARTIM.
+                    sock = listener.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
                 conn = _Conn(sock, (address, int(peer[1])), time.monotonic() + self.limits.artim_seconds)
+                conn.handshaking = not plain
                 self._conns[sock.fileno()] = conn
                 self._per_address[address] += 1
                 self._sel.register(sock, selectors.EVENT_READ, conn)
 
-    def _turn_away(self, sock: socket.socket, address: str, rejection: Rejection, cap: str) -> None:
-        """Refuse a connection over a cap: A-ASSOCIATE-RJ transient, close, nothing held."""
+    def _turn_away(self, sock: socket.socket, address: str, rejection: Rejection, cap: str, answer: bool) -> None:
+        """Refuse a connection over a cap: A-ASSOCIATE-RJ transient (if ``answer``), close, nothing held."""
         self.refused(address, rejection, f"{cap} reached")
         try:
-            sock.send(reject_pdu(rejection))
+            if answer:
+                sock.send(reject_pdu(rejection))
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         sock.close()
 
     def _service(self, conn: _Conn) -> None:
+        """Serve a readable (or, in a handshake, writable) connection.
+
+        A TLS socket may hold decrypted bytes that the selector cannot see
+        (``pending``), so it is read until it has none left.
+        """
+        if conn.handshaking and not self._handshake(conn):
+            return
+        while True:
+            self._read(conn)
+            sock = conn.sock
+            if not (isinstance(sock, ssl.SSLSocket) and sock.fileno() in self._conns and sock.pending()):
+                return
+
+    def _handshake(self, conn: _Conn) -> bool:
+        """One step of a TLS handshake (PS3.15 B.9); true once it is done."""
+        assert isinstance(conn.sock, ssl.SSLSocket)
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
+            return False
+        except ssl.SSLWantWriteError:
+            self._sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            # The library's reason (e.g. CERTIFICATE_VERIFY_FAILED, WRONG_VERSION_NUMBER), never the peer's bytes.
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            self.refused(conn.peer[0], AbortReason.TLS_HANDSHAKE_FAILED, f"TLS handshake failed: {escape(str(reason))}")
+            self._close(conn)
+            return False
+        conn.handshaking = False
+        self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
+        return True
+
+    def _read(self, conn: _Conn) -> None:
         try:
             data = conn.sock.recv(65_536 if conn.closing else conn.need - len(conn.buf))
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError:
             data = b""

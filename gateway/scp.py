@@ -44,6 +44,7 @@ from gateway.ingest import (
 from gateway.metrics import Metrics
 from gateway.status import Rejection, RejectReason, StorageStatus
 from gateway.storage import DataDir
+from gateway.tls import server_context
 
 __all__ = ["STATUS_FOR_REFUSAL", "StorageSCP"]
 
@@ -141,6 +142,7 @@ class StorageSCP:
         self._saved_chunked = False
         self._networks = [ipaddress.ip_network(h, strict=False) for h in settings.allow_hosts]
         self.port: int | None = None
+        self.tls_port: int | None = None
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> int:
@@ -182,11 +184,16 @@ class StorageSCP:
             self.ingest.start()
         # The front door accepts, enforces ARTIM, connection caps and a valid
         # A-ASSOCIATE-RQ, then hands the association to pynetdicom.
+        # DICOM TLS (PS3.15 B.9) on its own port, through the same front door.
+        tls = None if s.tls is None else ((s.host, s.tls.port), server_context(s.tls))
         self._server = FrontDoor(
-            ae, (s.host, s.port), FrontDoorLimits.from_settings(s), handlers, self._count_rejection, self._refusals
+            ae, (s.host, s.port), FrontDoorLimits.from_settings(s), handlers, self._count_rejection, self._refusals, tls
         )
         self.port = self._server.start()
+        self.tls_port = self._server.tls_port
         log.info("DICOM listener %s on %s:%d", s.ae_title, s.host, self.port)
+        if self.tls_port is not None:
+            log.info("DICOM TLS listener %s on %s:%d", s.ae_title, s.host, self.tls_port)
         return self.port
 
     def stop(self) -> None:

@@ -35,6 +35,7 @@ from gateway.jobs import backoff
 from gateway.metrics import Metrics
 from gateway.status import is_transient_store_status
 from gateway.stow import StowClient, StowItem
+from gateway.tls import TLSSetupError, client_context
 
 __all__ = ["Sender", "classify_status"]
 
@@ -189,7 +190,13 @@ class Sender(PeriodicLoop):
         loaded = [(row, ds) for row, ds in loaded if row.sop_class_uid in proposed]
         assert dest.host is not None and dest.port is not None and dest.ae_title is not None  # dimse: validated
         try:
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+            # DICOM TLS (PS3.15 B.9): pynetdicom wraps the socket and checks the server's name.
+            tls_args = client_context(dest) if dest.tls else None
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
+        except TLSSetupError as exc:  # our own files: the message names the key and the file
+            for row, _ in loaded:
+                self._retry_or_dead(row, None, str(exc))
+            return 0
         except Exception as exc:  # DNS failure, socket errors
             for row, _ in loaded:
                 self._retry_or_dead(row, None, f"cannot connect: {type(exc).__name__}")

@@ -100,6 +100,8 @@ class AbortReason:
     MALFORMED_REQUEST = Abort(0x02, 0x06, "malformed_request")
     PDU_TOO_LARGE = Abort(0x02, 0x06, "pdu_too_large")
     ARTIM_EXPIRED = Abort(None, None, "artim_expired")
+    #: The TLS port's handshake failed (PS3.15 B.9): no DICOM was spoken, so no PDU, only a close.
+    TLS_HANDSHAKE_FAILED = Abort(None, None, "tls_handshake_failed")
 
     ALL = (
         UNRECOGNISED_PDU,
@@ -108,4 +110,5 @@ class AbortReason:
         MALFORMED_REQUEST,
         PDU_TOO_LARGE,
         ARTIM_EXPIRED,
+        TLS_HANDSHAKE_FAILED,
     )

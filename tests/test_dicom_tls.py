@@ -1,0 +1,233 @@
+"""DICOM TLS (PS3.15 B.9) on loopback: DCMTK as scanner and as PACS, a throw-away CA from ``openssl``.
+
+The gateway listens on a plain and a TLS port side by side. DCMTK's echoscu
+and storescu (``+tls key cert``, ``+cf ca``) are the scanner; storescp
+``+tls`` is the PACS the results go to over TLS.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway.apps.viewer import free_port
+from gateway.config import Destination, ListenerTLS
+from gateway.tls import TLSSetupError, client_context, server_context
+from tests.conftest import GatewayProcess, mr_series, need, storescu, wait_for
+
+MakeGateway = Callable[..., GatewayProcess]
+
+
+# ------------------------------------------------------------------- the PKI
+def _openssl(*args: str, cwd: Path) -> None:
+    done = subprocess.run([need("openssl"), *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"openssl {args[0]}: {done.stderr}"
+
+
+def _ca(folder: Path, name: str) -> None:
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem",
+        "-days", "2", "-subj", f"/CN=aigw test {name}", cwd=folder,
+    )  # fmt: skip
+
+
+def _leaf(folder: Path, name: str, ca: str, *, expired: bool = False) -> None:
+    """A key and a certificate for localhost / 127.0.0.1 signed by ``ca``; ``expired``: valid in 2020 only."""
+    _openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+        "-subj", f"/CN={name}", cwd=folder,
+    )  # fmt: skip
+    (folder / "san.ext").write_text("subjectAltName = DNS:localhost, IP:127.0.0.1\n")
+    if not expired:
+        _openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext", cwd=folder,
+        )  # fmt: skip
+        return
+    # `x509 -req` of OpenSSL 3.0 cannot back-date; `openssl ca` can (-startdate / -enddate).
+    (folder / "index.txt").write_text("")
+    (folder / "serial").write_text("1000\n")
+    (folder / "ca.cnf").write_text(
+        "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\nnew_certs_dir = .\nserial = serial\n"
+        "default_md = sha256\npolicy = p\n[p]\ncommonName = supplied\n"
+    )
+    _openssl(
+        "ca", "-batch", "-config", "ca.cnf", "-cert", f"{ca}.pem", "-keyfile", f"{ca}.key", "-in", f"{name}.csr",
+        "-out", f"{name}.pem", "-notext", "-startdate", "20200101000000Z", "-enddate", "20200102000000Z", cwd=folder,
+    )  # fmt: skip
+
+
+@dataclass
+class PKI:
+    """The throw-away certificates: ``ca`` signs server, client and expired; ``rogue`` signs stranger."""
+
+    dir: Path
+
+    def __getitem__(self, name: str) -> str:
+        return str(self.dir / name)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    folder = tmp_path_factory.mktemp("pki")
+    _ca(folder, "ca")
+    _ca(folder, "rogue")
+    _leaf(folder, "server", "ca")
+    _leaf(folder, "client", "ca")
+    _leaf(folder, "stranger", "rogue")
+    _leaf(folder, "expired", "ca", expired=True)
+    return PKI(folder)
+
+
+# ------------------------------------------------------------------ the peers
+def echo(port: int, *tls: str) -> subprocess.CompletedProcess[str]:
+    """C-ECHO with DCMTK's echoscu, with the TLS options given."""
+    cmd = [need("echoscu"), "-aet", "SCANNER", "-aec", "AIGW", "-to", "5", "-ta", "5", "-td", "5", *tls]
+    return subprocess.run([*cmd, "127.0.0.1", str(port)], capture_output=True, text=True, timeout=30)
+
+
+def tls_gateway(make_gateway: MakeGateway, pki: PKI, extra: str = "", **tls: object) -> tuple[GatewayProcess, int]:
+    port = free_port()
+    keys = {
+        "port": port,
+        "cert_file": pki["server.pem"],
+        "key_file": pki["server.key"],
+        "ca_file": pki["ca.pem"],
+        **tls,
+    }
+    table = "\n".join(f"{k} = {json.dumps(v)}" for k, v in keys.items())  # JSON scalars are TOML
+    gw = make_gateway(extra_toml=f"[gateway.tls]\n{table}\n{extra}", gateway={"artim_timeout_seconds": 3})
+    return gw, port
+
+
+def rejected(gw: GatewayProcess, label: str) -> float:
+    return gw.metrics().get(f'aigw_associations_rejected_total{{reason="{label}"}}', 0.0)
+
+
+# ---------------------------------------------------------------------- tests
+def test_tls_listener_admits_good_clients_and_closes_bad_handshakes(
+    make_gateway: MakeGateway, pki: PKI, tmp_path: Path
+) -> None:
+    gw, port = tls_gateway(make_gateway, pki, require_client_cert=True)
+    client = ["+tls", pki["client.key"], pki["client.pem"], "+cf", pki["ca.pem"]]
+
+    done = echo(port, *client)
+    assert done.returncode == 0, f"C-ECHO over TLS failed: {done.stdout}{done.stderr}"
+    sent = storescu(port, mr_series(tmp_path / "in", n=2), extra=client)
+    assert sent.returncode == 0, f"C-STORE over TLS failed: {sent.stdout}{sent.stderr}"
+    assert gw.metrics().get('aigw_instances_received_total{outcome="stored",transport="dimse"}', 0) == 2
+    assert rejected(gw, "tls_handshake_failed") == 0
+
+    bad = {
+        "certificate from another CA": ["+tls", pki["stranger.key"], pki["stranger.pem"], "+cf", pki["ca.pem"]],
+        "expired certificate": ["+tls", pki["expired.key"], pki["expired.pem"], "+cf", pki["ca.pem"]],
+        "no client certificate (require_client_cert)": ["+tla", "+cf", pki["ca.pem"]],
+        "plain DICOM on the TLS port": [],
+    }
+    for n, (what, options) in enumerate(bad.items(), start=1):
+        start = time.monotonic()
+        done = echo(port, *options)
+        assert done.returncode != 0, f"{what}: C-ECHO succeeded"
+        assert time.monotonic() - start < 5, f"{what}: not refused at once"
+        wait_for(lambda n=n: rejected(gw, "tls_handshake_failed") == n, 5, f"{what}: counted")  # type: ignore[misc]
+        # The listener still answers, on both ports.
+        assert echo(port, *client).returncode == 0, f"after {what}: TLS listener does not answer"
+        assert echo(gw.port).returncode == 0, f"after {what}: plain listener does not answer"
+
+    # A client that does not trust our CA ends the handshake itself; counted too.
+    done = echo(port, "+tls", pki["client.key"], pki["client.pem"], "+cf", pki["rogue.pem"])
+    assert done.returncode != 0
+    wait_for(lambda: rejected(gw, "tls_handshake_failed") == len(bad) + 1, 5, "untrusting client counted")
+    refusals = [line for line in gw.log().splitlines() if "refused (tls_handshake_failed)" in line]
+    assert refusals, "handshake failures are logged"
+    assert len(refusals) <= 1, "logged once per peer and minute"
+    assert "SCANNER" not in "".join(refusals)
+
+
+def test_client_certificate_is_optional_without_require_client_cert(make_gateway: MakeGateway, pki: PKI) -> None:
+    _, port = tls_gateway(make_gateway, pki, require_client_cert=False)
+    done = echo(port, "+tla", "+cf", pki["ca.pem"])
+    assert done.returncode == 0, f"anonymous-client TLS refused: {done.stdout}{done.stderr}"
+    # A certificate that is offered must still verify.
+    assert echo(port, "+tls", pki["stranger.key"], pki["stranger.pem"], "+cf", pki["ca.pem"]).returncode != 0
+
+
+@pytest.fixture
+def tls_pacs(pki: PKI, tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """DCMTK's storescp with TLS (client certificate required, from our CA)."""
+    port, out = free_port(), tmp_path / "pacs"
+    out.mkdir()
+    cmd = [need("storescp"), "+tls", pki["server.key"], pki["server.pem"], "+cf", pki["ca.pem"]]
+    proc = subprocess.Popen([*cmd, "-aet", "PACS", "-od", str(out), str(port)], stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        assert proc.poll() is None, f"storescp +tls exited: {proc.stderr.read() if proc.stderr else ''!r}"
+        yield port, out
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def tls_destination(port: int, pki: PKI, ca: str) -> str:
+    """A dimse destination "pacs" with TLS, trusting ``ca`` and offering our client certificate."""
+    return (
+        f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {port}\ntls = true\n'
+        f'ca_file = "{pki[ca]}"\ncert_file = "{pki["client.pem"]}"\nkey_file = "{pki["client.key"]}"\n'
+    )
+
+
+def test_results_are_sent_to_a_tls_peer(
+    make_gateway: MakeGateway, pki: PKI, tls_pacs: tuple[int, Path], tmp_path: Path
+) -> None:
+    port, out = tls_pacs
+    gw = make_gateway(extra_toml=tls_destination(port, pki, "ca.pem"))
+    sent = storescu(gw.port, mr_series(tmp_path / "in", n=2))
+    assert sent.returncode == 0, sent.stderr
+    files = wait_for(lambda: len(list(out.iterdir())) == 2 and list(out.iterdir()), 60, "results at the TLS peer")
+    assert len(files) == 2
+    assert gw.metrics().get('aigw_send_attempts_total{destination="pacs",outcome="sent"}', 0) == 2
+
+
+def test_untrusted_tls_peer_is_not_sent_to(
+    make_gateway: MakeGateway, pki: PKI, tls_pacs: tuple[int, Path], tmp_path: Path
+) -> None:
+    port, out = tls_pacs
+    gw = make_gateway(extra_toml=tls_destination(port, pki, "rogue.pem"))
+    assert storescu(gw.port, mr_series(tmp_path / "in", n=1)).returncode == 0
+    wait_for(
+        lambda: gw.metrics().get('aigw_send_attempts_total{destination="pacs",outcome="retry"}', 0) >= 1,
+        60,
+        "a failed send, retried",
+    )
+    assert not list(out.iterdir()), "nothing reaches a peer whose certificate does not verify"
+
+
+# ------------------------------------------------------------- configuration
+def test_tls_settings_are_checked(pki: PKI, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="require_client_cert needs ca_file"):
+        ListenerTLS(cert_file=Path(pki["server.pem"]), key_file=Path(pki["server.key"]), require_client_cert=True)
+    with pytest.raises(TLSSetupError, match=r"gateway.tls.cert_file / key_file = '.*nothere.pem'"):
+        server_context(ListenerTLS(cert_file=tmp_path / "nothere.pem", key_file=Path(pki["server.key"])))
+    with pytest.raises(TLSSetupError, match="cannot be used"):  # a key that is not the certificate's
+        server_context(ListenerTLS(cert_file=Path(pki["server.pem"]), key_file=Path(pki["client.key"])))
+    ctx = server_context(ListenerTLS(cert_file=Path(pki["server.pem"]), key_file=Path(pki["server.key"])))
+    import ssl
+
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert all("GCM" in c["name"] or "CHACHA20" in c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2")
+
+    base = {"name": "p", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}
+    with pytest.raises(ValueError, match="apply with tls = true only"):
+        Destination(**base, ca_file=pki["ca.pem"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cert_file and key_file go together"):
+        Destination(**base, tls=True, cert_file=pki["client.pem"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not a key of a dicomweb destination"):
+        Destination(name="w", type="dicomweb", url="https://x/dicom-web", tls=True)  # type: ignore[arg-type]
+    context, name = client_context(Destination(**base, tls=True, ca_file=pki["ca.pem"], server_name="pacs.local"))  # type: ignore[arg-type]
+    assert name == "pacs.local" and context.check_hostname and context.minimum_version == ssl.TLSVersion.TLSv1_2
