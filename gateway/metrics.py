@@ -118,6 +118,11 @@ class Metrics:
         )
         self.bytes_received = Counter("aigw_received_bytes_total", "Bytes of instances stored", registry=r)
         self.associations_open = Gauge("aigw_associations_open", "Associations currently open", registry=r)
+        self.connections_open = Gauge(
+            "aigw_connections_open",
+            "DICOM connections open now: before the association request and after it (compare with max_connections)",
+            registry=r,
+        )
         self.associations_accepted = Counter(
             "aigw_associations_accepted_total", "Associations accepted", registry=r
         )

@@ -190,6 +190,9 @@ class StorageSCP:
             ae, (s.host, s.port), FrontDoorLimits.from_settings(s), handlers, self._count_rejection, self._refusals, tls
         )
         self.port = self._server.start()
+        # Read at scrape time: the selector thread owns the count, so it needs no lock.
+        server = self._server
+        self.metrics.connections_open.set_function(lambda: server.connections)
         self.tls_port = self._server.tls_port
         log.info("DICOM listener %s on %s:%d", s.ae_title, s.host, self.port)
         if self.tls_port is not None:

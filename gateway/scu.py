@@ -116,6 +116,10 @@ class Sender(PeriodicLoop):
             row.id, SendState.PENDING, now=time.time(), status=status, error=reason, retry_at=retry_at
         )
         self.metrics.sends.labels(destination=row.destination, outcome="retry").inc()
+        log.warning(
+            "send %d to %s failed (attempt %d of %d), next in %.0f s: %s",
+            row.id, row.destination, attempts, sc.max_attempts, delay, reason,
+        )
         return retry_at
 
     def _sent(self, row: Any, status: int | None) -> None:

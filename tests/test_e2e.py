@@ -127,8 +127,14 @@ def test_permanent_rejection_goes_to_deadletter_and_can_be_retried(
         assert storescu(gw.port, files).returncode == 0
         wait_for(lambda: [s.state for s in _sends(gw)] == ["dead", "dead"], 60, "two dead-letter entries")
         sends = _sends(gw)
-        assert all(s.attempts == 1 for s in sends), "a permanent rejection must not be retried"
-        assert all("rejected" in (s.error or "") for s in sends)
+        # The rejection ends each send at once. An attempt before it that failed
+        # transiently (a loaded machine) is allowed; one after it is the bug.
+        history = [line for line in gw.log().splitlines() if "gateway.scu: send" in line]
+        for s in sends:
+            mine = [line for line in history if f"send {s.id} to wrongae" in line]
+            assert "rejected" in (s.error or "") and "gave up" not in (s.error or ""), mine
+            assert mine and "dead-letter" in mine[-1] and not any("rejected" in line for line in mine[:-1]), mine
+            assert s.attempts == len(mine), mine
         out = gw.cli("deadletter", "list")
         assert out.returncode == 0 and "wrongae" in out.stdout, out.stdout + out.stderr
         assert gw.metrics()["aigw_deadletter_size"] == 2
