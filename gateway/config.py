@@ -356,6 +356,11 @@ class CompletionSettings(_Strict):
 
 class JobSettings(_Strict):
     workers: int = Field(default=1, ge=1, le=64)
+    iocm_rejection_notes: bool = Field(
+        default=False,
+        description="when a rerun supersedes a result, also send an IHE IOCM rejection note (Key Object Selection, "
+        "'Rejected for Quality Reasons') for the superseded instances; only for a PACS that acts on IOCM",
+    )
     max_attempts: int = Field(default=3, ge=1, le=100)
     backoff_seconds: float = Field(default=5.0, ge=0)
     backoff_max_seconds: float = Field(default=600.0, ge=0)

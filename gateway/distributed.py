@@ -65,7 +65,7 @@ from gateway._loop import PeriodicLoop
 from gateway.config import Config, ConfigError, DeviceClass
 from gateway.index import Index
 from gateway.jobs import JobRunner, node_id
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, dependency_checks
 
 try:
     from celery import Celery
@@ -348,6 +348,7 @@ class WorkerNode:
         self.metrics.configure(config)  # a GPU worker without a GPU must raise AigwGpuMissing
         self.data = DataDir(root)
         self.index = Index(config.database_url)
+        self._checks = dependency_checks(self.index, self.data, config.metrics.cache_seconds)
         if not self.index.ping():
             raise ConfigError(f"gateway.database_url: cannot reach the index at {_redact(config.database_url)}")
         self.models = ModelRegistry(config.models.dir, config.models.providers)
@@ -367,7 +368,7 @@ class WorkerNode:
             log.warning("pipeline %s unavailable on this worker: %s", name, why)
 
     def readiness(self) -> dict[str, bool]:
-        return {"database": self.index.ping(), "data_dir_writable": self.data.is_writable()}
+        return self._checks()
 
     def handle(self, job_id: int) -> None:
         """Claim job ``job_id`` if it still waits, and run it under a renewed lease."""

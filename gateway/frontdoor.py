@@ -300,6 +300,9 @@ class _BoundedSocket(AssociationSocket):
         self._door = door
         self._peer = address
         self._header_next = True
+        #: Set by the first abort of ours; a second path to the same end (the
+        #: idle timer and a stalled read expire together) is not counted again.
+        self._aborted = threading.Lock()
 
     @property
     def ready(self) -> bool:
@@ -332,9 +335,7 @@ class _BoundedSocket(AssociationSocket):
                 # The socket's timeout (idle_seconds, set at handoff) bounds each call, the deadline the PDU.
                 chunk = sock.recv(min(nr_bytes - len(out), 1 << 20))
             except TimeoutError:
-                log.warning(
-                    "association from %s sent nothing for %.0f s; closing", self._peer, self._door.limits.idle_seconds
-                )
+                self._abort(AbortReason.IDLE_TIMEOUT, f"sent nothing for {self._door.limits.idle_seconds:.0f} s")
                 return out
             except OSError:
                 return out
@@ -342,22 +343,28 @@ class _BoundedSocket(AssociationSocket):
                 return out
             out += chunk
             if len(out) < nr_bytes and time.monotonic() > deadline:
-                log.warning(
-                    "association from %s took over %.0f s for one PDU; closing",
-                    self._peer,
-                    self._door.limits.idle_seconds,
-                )
+                self._abort(AbortReason.IDLE_TIMEOUT, f"took over {self._door.limits.idle_seconds:.0f} s for one PDU")
                 return out
         return out
 
     def _refuse(self, kind: int, length: int) -> None:
         limit = self._door.limits.max_pdu_length
-        self._door.refused(
-            self._peer, AbortReason.PDU_TOO_LARGE, f"PDU type 0x{kind:02X} declares {length} bytes (at most {limit})"
-        )
+        self._abort(AbortReason.PDU_TOO_LARGE, f"PDU type 0x{kind:02X} declares {length} bytes (at most {limit})")
+
+    def count_abort(self, abort: Abort, detail: str) -> bool:
+        """Count and log the association's end, once; False if it was counted already."""
+        if not self._aborted.acquire(blocking=False):
+            return False
+        self._door.refused(self._peer, abort, detail)
+        return True
+
+    def _abort(self, abort: Abort, detail: str) -> None:
+        """Count, log, send the A-ABORT and close our side; pynetdicom sees the short read and ends."""
+        if not self.count_abort(abort, detail):
+            return
         try:
             assert self.socket is not None
-            self.socket.sendall(abort_pdu(AbortReason.PDU_TOO_LARGE))
+            self.socket.sendall(abort_pdu(abort))
             # FIN after the A-ABORT; pynetdicom closes the socket as the association ends.
             self.socket.shutdown(socket.SHUT_WR)
         except OSError:
@@ -376,7 +383,20 @@ class _HandoffHandler(RequestHandler):
         original = assoc.dul.socket
         assert original is not None
         # What Association.set_socket does, which refuses to replace a socket.
-        assoc.dul.socket = _BoundedSocket(original, self._handoff.replay, self._handoff.door, self.client_address[0])
+        door = self._handoff.door
+        sock = _BoundedSocket(original, self._handoff.replay, door, self.client_address[0])
+        assoc.dul.socket = sock
+        # pynetdicom's idle timer aborts a silent association (A-ABORT) and says
+        # so only at ERROR without the peer; asked once before that abort, this counts and logs it.
+        expired = assoc.dul.idle_timer_expired
+
+        def idle_timer_expired() -> bool:
+            if not expired():
+                return False
+            sock.count_abort(AbortReason.IDLE_TIMEOUT, f"sent nothing for {door.limits.idle_seconds:.0f} s")
+            return True
+
+        assoc.dul.idle_timer_expired = idle_timer_expired  # type: ignore[method-assign]
         self._handoff.assoc = assoc
         return assoc
 

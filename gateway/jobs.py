@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
@@ -37,10 +36,11 @@ from pydicom import Dataset
 from gateway._loop import PeriodicLoop
 from gateway.config import Config, DeviceClass
 from gateway.contract import Identity, InputError, Pipeline, RunContext
-from gateway.index import Index
+from gateway.index import Index, OutputRow
 from gateway.metrics import Metrics
 from gateway.models import ModelRegistry, TimedSession
 from gateway.storage import DataDir, write_durably
+from gateway.supersede import mark_superseding, rejection_note, superseded
 from gateway.uids import checked_uid, derived_uid, short_ref
 
 __all__ = ["DeviceSlots", "JobRunner", "LocalExecutor", "backoff", "job_device", "node_id"]
@@ -133,18 +133,6 @@ def _finalise(ds: Dataset) -> None:
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.setdefault("ImplementationClassUID", PYDICOM_IMPLEMENTATION_UID)
     ds.file_meta = meta
-
-
-def _mark_superseding(outputs: Sequence[Dataset], version: int) -> None:
-    """Say in each output's Series Description that it supersedes the result of series ``version``.
-
-    The description is what every viewer's series list shows; it is cut to
-    its 64-character limit (PS3.5 LO) from the left part, so the note stays.
-    """
-    note = f" (supersedes v{version})"
-    for ds in outputs:
-        desc = str(ds.get("SeriesDescription", "") or "")
-        ds.SeriesDescription = desc[: 64 - len(note)] + note
 
 
 class JobRunner:
@@ -253,8 +241,15 @@ class JobRunner:
             if earlier:
                 # More instances arrived after a result went out: this one replaces it,
                 # and a reader who sees both in PACS must be able to tell which counts.
-                _mark_superseding(outputs, earlier[-1].series_version)
+                replaced = superseded(self.index.job_outputs(earlier[-1].id))
+                mark_superseding(outputs, earlier[-1].series_version, replaced)
                 jlog.info("result supersedes the one of series version %d", earlier[-1].series_version)
+                if replaced and self.config.jobs.iocm_rejection_notes:
+                    note = rejection_note(
+                        replaced, self.identity, ctx.uid("iocm-rejection"), ctx.uid("iocm-rejection-series")
+                    )
+                    if note is not None:
+                        outputs.append(note)  # last: PACS hides the old result once the new one is in
             stored = self._store_outputs(job.id, outputs)
             dests = [d.name for d in self.config.destinations]
             if not self.index.job_succeeded(job.id, owner, stored, dests, now=time.time()):
@@ -290,7 +285,7 @@ class JobRunner:
         else:
             jlog.warning("attempt %d failed, retry in %.0f s: %s", job.attempts, retry_at - time.time(), error)
 
-    def _store_outputs(self, job_id: int, outputs: Sequence[Dataset]) -> list[tuple[str, str, Path]]:
+    def _store_outputs(self, job_id: int, outputs: Sequence[Dataset]) -> list[OutputRow]:
         """Write outputs durably; without destinations they go to the outbox."""
         folder = self.data.job_dir(job_id) / "out" if self.config.destinations else self.data.outbox_dir(job_id)
         stored = []
@@ -299,11 +294,13 @@ class JobRunner:
                 raise TypeError(f"pipeline returned {type(ds).__name__}, expected pydicom Dataset")
             sop = checked_uid(ds.get("SOPInstanceUID"), "output SOPInstanceUID")
             sop_class = checked_uid(ds.get("SOPClassUID"), "output SOPClassUID")
+            study = checked_uid(ds.get("StudyInstanceUID"), "output StudyInstanceUID")
+            series = checked_uid(ds.get("SeriesInstanceUID"), "output SeriesInstanceUID")
             _finalise(ds)
             path = folder / f"{sop}.dcm"
             with write_durably(path) as fh:
                 ds.save_as(fh, enforce_file_format=True)
-            stored.append((sop, sop_class, path))
+            stored.append(OutputRow(sop, sop_class, study, series, str(path)))
         return stored
 
 

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -41,9 +41,19 @@ from gateway._gpu import GpuCollector
 
 if TYPE_CHECKING:
     from gateway.config import Config, MetricsSettings
+    from gateway.index import Index
     from gateway.models import ModelRegistry
+    from gateway.storage import DataDir
 
-__all__ = ["Metrics", "MetricsServer", "STORE_OUTCOMES", "JOB_OUTCOMES", "SEND_OUTCOMES"]
+__all__ = [
+    "JOB_OUTCOMES",
+    "SEND_OUTCOMES",
+    "STORE_OUTCOMES",
+    "Metrics",
+    "MetricsServer",
+    "Throttled",
+    "dependency_checks",
+]
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +286,50 @@ def _http_response(code: int, body: bytes, ctype: str, extra: Sequence[tuple[str
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
+_T = TypeVar("_T")
+
+
+class Throttled(Generic[_T]):
+    """``fn()``'s last answer, computed again at most every ``seconds`` however often it is asked.
+
+    A scrape or probe loop must not become a load on the database or the
+    disk. A call that raises counts as a run, so a sick dependency rests: the
+    exception reaches that caller, and the others until the next run get the
+    last good answer (``default`` before the first).
+    """
+
+    def __init__(
+        self, fn: Callable[[], _T], seconds: float, default: _T, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._fn = fn
+        self._seconds = seconds
+        self._value = default
+        self._clock = clock
+        self._at: float | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> _T:
+        with self._lock:
+            now = self._clock()
+            if self._at is None or now - self._at >= self._seconds:
+                self._at = now
+                self._value = self._fn()
+            return self._value
+
+
+def dependency_checks(index: Index, data: DataDir, seconds: float) -> Throttled[dict[str, bool]]:
+    """The readiness checks that cost a write transaction and a file write, run at most every ``seconds``.
+
+    ``/readyz`` is open to anyone who reaches the port, and on SQLite the
+    write transaction takes the lock that ingest needs.
+    """
+    return Throttled(
+        lambda: {"database": index.ping(), "data_dir_writable": data.is_writable()},
+        seconds,
+        {"database": False, "data_dir_writable": False},
+    )
+
+
 class MetricsServer:
     """A small HTTP server: ``/metrics``, ``/healthz`` (alive), ``/readyz`` (ready).
 
@@ -328,10 +382,8 @@ class MetricsServer:
 
         self._registry = metrics.registry
         self._readiness = readiness
-        self._refresh = refresh
         self._settings = settings or MetricsSettings()
-        self._refreshed: float | None = None
-        self._refresh_lock = threading.Lock()
+        self._refresh = None if refresh is None else Throttled(refresh, self._settings.cache_seconds, None)
         self._warned_credential = False
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
@@ -511,7 +563,8 @@ class MetricsServer:
             if not self._authorized(headers.get("authorization", "")):
                 challenge = f'{self._settings.auth.value.capitalize()} realm="aigw metrics"'
                 return _http_response(401, b"unauthorized\n", "text/plain", [("WWW-Authenticate", challenge)])
-            self._refresh_if_due()
+            if self._refresh is not None:
+                self._refresh()
             body = generate_latest(self._registry)
             ctype = CONTENT_TYPE_LATEST
         elif path == "/healthz":
@@ -526,17 +579,6 @@ class MetricsServer:
             return _http_response(404, b"not found\n", "text/plain")
         reply = _http_response(200, body, ctype)
         return reply[: len(reply) - len(body)] if method == "HEAD" else reply
-
-    def _refresh_if_due(self) -> None:
-        """Run ``refresh`` unless it ran less than ``cache_seconds`` ago (failures count, so a sick index rests)."""
-        if self._refresh is None:
-            return
-        with self._refresh_lock:
-            now = time.monotonic()
-            if self._refreshed is not None and now - self._refreshed < self._settings.cache_seconds:
-                return
-            self._refreshed = now
-            self._refresh()
 
     def _authorized(self, header: str) -> bool:
         """Whether the ``Authorization`` header carries the configured credential (always, with auth "none")."""

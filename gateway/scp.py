@@ -160,8 +160,8 @@ class StorageSCP:
         # Our own policy in EVT_REQUESTED enforces the limit with a counted
         # rejection; pynetdicom's check is kept one above as a backstop.
         ae.maximum_associations = s.max_associations + 1
-        # The DUL idle timer (Association aborts when it expires); the front
-        # door's socket timeout bounds a read or send stalled mid-PDU.
+        # The DUL idle timer (Association aborts when it expires; the front door
+        # counts it); the front door's socket timeout bounds a read stalled mid-PDU.
         ae.network_timeout = s.idle_timeout_seconds
         # pynetdicom's ARTIM timer (PS3.8 9.1.5), which also bounds Sta13: a
         # peer told RJ, A-ABORT or A-RELEASE-RP must close this soon.

@@ -23,7 +23,7 @@ from gateway.config import Config, LatePolicy, MetricsAuth
 from gateway.index import Index, JobState, SendState
 from gateway.ingest import Ingest
 from gateway.jobs import JobRunner, LocalExecutor
-from gateway.metrics import Metrics, MetricsServer
+from gateway.metrics import Metrics, MetricsServer, dependency_checks
 from gateway.models import ModelRegistry
 from gateway.plugins import PluginSet, discover
 from gateway.routing import Router
@@ -106,6 +106,7 @@ class Gateway:
         self.metrics.configure(config)  # the site expectations the alert rules compare against
         self.data = DataDir(config.gateway.data_dir)
         self.index = Index(config.database_url)
+        self._slow_checks = dependency_checks(self.index, self.data, config.metrics.cache_seconds)
         self.models = ModelRegistry(config.models.dir, config.models.providers)
         self.metrics.watch_models(self.models)
         self.plugins: PluginSet = discover(config, self.models)
@@ -172,8 +173,7 @@ class Gateway:
     # ------------------------------------------------------------------ health
     def readiness(self) -> dict[str, bool]:
         return {
-            "database": self.index.ping(),
-            "data_dir_writable": self.data.is_writable(),
+            **self._slow_checks(),
             "listener": self.scp.is_up,
             # False while new instances get 0xA700 for space ("refusing for space").
             "free_space_above_watermark": not self.ingest.refusing_for_space(),

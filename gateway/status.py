@@ -102,6 +102,9 @@ class AbortReason:
     ARTIM_EXPIRED = Abort(None, None, "artim_expired")
     #: The TLS port's handshake failed (PS3.15 B.9): no DICOM was spoken, so no PDU, only a close.
     TLS_HANDSHAKE_FAILED = Abort(None, None, "tls_handshake_failed")
+    #: An established association sent no PDU, or not all of one, within ``idle_timeout_seconds``
+    #: (reason 0, reason-not-specified: PS3.8 has no idle timer, so no reason names it).
+    IDLE_TIMEOUT = Abort(0x02, 0x00, "idle_timeout")
 
     ALL = (
         UNRECOGNISED_PDU,
@@ -111,4 +114,5 @@ class AbortReason:
         PDU_TOO_LARGE,
         ARTIM_EXPIRED,
         TLS_HANDSHAKE_FAILED,
+        IDLE_TIMEOUT,
     )

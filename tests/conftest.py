@@ -92,6 +92,7 @@ class GatewayProcess:
         release_quiet: float | None = 0.5,
         gateway: dict[str, Any] | None = None,
         completion: dict[str, Any] | None = None,
+        jobs: dict[str, Any] | None = None,
     ) -> None:
         self.root = root
         self.port = free_port()
@@ -115,6 +116,7 @@ class GatewayProcess:
         # JSON scalars and arrays are valid TOML values.
         gateway_toml = "\n".join(f"{k} = {json.dumps(v)}" for k, v in table.items())
         completion_toml = "\n".join(f"{k} = {json.dumps(v)}" for k, v in (completion or {}).items())
+        jobs_toml = "\n".join(f"{k} = {json.dumps(v)}" for k, v in (jobs or {}).items())
         self.config = root / "aigw.toml"
         self.config.write_text(
             f"""plugins = ["{PLUGIN}"]
@@ -136,6 +138,7 @@ series_timeout_seconds = {series_timeout}
 [jobs]
 backoff_seconds = 0.5
 backoff_max_seconds = 2
+{jobs_toml}
 
 [send]
 backoff_seconds = 0.5

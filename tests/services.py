@@ -30,6 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
+from gateway.apps.viewer._tools import free_port
+
 __all__ = ["ExternalServer", "PostgresServer", "RabbitMQServer", "Server", "ServiceError"]
 
 SETUP_COMMAND = "ops/setup.sh test"
@@ -55,13 +57,6 @@ class ExternalServer:
     """A server the tests did not start (``AIGW_TEST_PG_URL`` / ``AIGW_TEST_BROKER_URL``)."""
 
     url: str
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:

@@ -249,9 +249,9 @@ def _writes_dicom(tree: ast.Module) -> bool:
 
 
 def writer_modules() -> list[Path]:
-    """The pipelines' DICOM writers: shared helpers (``pipelines/_*.py``) and each ``dicom.py``."""
+    """The DICOM writers: the pipelines' shared helpers (``pipelines/_*.py``), each ``dicom.py``, and the gateway's."""
     root = REPO / "pipelines"
-    paths = sorted([*root.glob("_*.py"), *root.glob("*/dicom.py")])
+    paths = sorted([*root.glob("_*.py"), *root.glob("*/dicom.py"), REPO / "gateway" / "supersede.py"])
     return [p for p in paths if _writes_dicom(ast.parse(p.read_text(encoding="utf-8"), str(p)))]
 
 

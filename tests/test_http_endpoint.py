@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from gateway.config import MetricsSettings, load_config
-from gateway.metrics import Metrics, MetricsServer
+from gateway.metrics import Metrics, MetricsServer, Throttled
 from gateway.service import Gateway
 from tests.conftest import GatewayProcess, free_port, http_get, need, wait_for
 
@@ -164,26 +164,27 @@ def test_refresh_runs_at_most_once_per_cache_period(server: tuple[MetricsServer,
     assert min(gaps) >= 0.5, gaps
 
 
-def test_a_gateway_scrape_loop_queries_the_index_once_per_period(
-    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("path", "query"), [("/metrics", "counts"), ("/readyz", "ping")])
+def test_a_gateway_scrape_or_probe_loop_queries_the_index_once_per_period(
+    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch, path: str, query: str
 ) -> None:
-    """The real wiring: Gateway.refresh_gauges behind the cache, counting calls of the index's one query."""
+    """The real wiring: the gauges and the readiness checks behind the cache, counting the index's query."""
     proc = GatewayProcess(tmp_path / "gw", models_dir)  # only its configuration: this gateway runs here
     cfg = load_config(proc.config)
     cfg.metrics.cache_seconds = 1.0
     gw = Gateway(cfg)
     calls: list[float] = []
-    counts = gw.index.counts
+    original = getattr(gw.index, query)
 
-    def counting() -> dict[str, dict[str, int]]:
+    def counting() -> Any:
         calls.append(time.monotonic())
-        return counts()
+        return original()
 
-    monkeypatch.setattr(gw.index, "counts", counting)
+    monkeypatch.setattr(gw.index, query, counting)
     gw.start()
     try:
         at_start = len(calls)
-        url = f"http://127.0.0.1:{gw.metrics_port}/metrics"
+        url = f"http://127.0.0.1:{gw.metrics_port}{path}"
         started = time.monotonic()
         scrapes = 0
         while time.monotonic() - started < 2.5:
@@ -299,3 +300,27 @@ def test_prometheus_scrapes_with_a_bearer_token(
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_throttled_rests_after_a_failure_and_keeps_the_last_good_answer() -> None:
+    now = [0.0]
+    runs: list[float] = []
+
+    def answer() -> float:
+        runs.append(now[0])
+        if now[0] == 10:
+            raise RuntimeError("index down")
+        return now[0]
+
+    throttled = Throttled(answer, 5, -1.0, clock=lambda: now[0])
+    assert throttled() == 0 and throttled() == 0
+    now[0] = 4.9
+    assert throttled() == 0
+    now[0] = 5
+    assert throttled() == 5
+    now[0] = 10
+    with pytest.raises(RuntimeError):
+        throttled()
+    now[0] = 12
+    assert throttled() == 5, "within the rest after a failure: the last good answer"
+    assert runs == [0, 5, 10]

@@ -11,11 +11,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
+from pydicom.uid import KeyObjectSelectionDocumentStorage
 from pynetdicom import AE
 
-from gateway.index import Index, InstanceRecord, SeriesState
+from gateway.index import Index, InstanceRecord, OutputRow, SeriesState
+from gateway.supersede import mark_superseding
 from tests.conftest import GatewayProcess, mr_series, storescu, wait_for
+from tests.validators import assert_valid
 
 GRACE = 8.0
 
@@ -124,23 +127,76 @@ def test_restart_gives_open_series_a_fresh_grace(
         index.close()
 
 
-def test_a_rerun_after_late_instances_says_it_supersedes_the_first_result(
+def _outputs(gw: GatewayProcess) -> dict[int, list[Dataset]]:
+    """Headers of the results in the outbox, by job."""
+    out: dict[int, list[Dataset]] = {}
+    for path in sorted((gw.data_dir / "outbox").rglob("*.dcm")):
+        ds = dcmread(path, stop_before_pixels=True)
+        ds.filename = str(path)
+        out.setdefault(int(path.parent.name), []).append(ds)  # outbox/<job id>/
+    return out
+
+
+def _first_and_rerun(
+    tmp_path: Path, make_gateway: Callable[..., GatewayProcess], seed: int, **kw: object
+) -> tuple[list[Dataset], list[Dataset]]:
+    gw = make_gateway(series_timeout=1, release_quiet=0.2, **kw)  # no destination: results land in the outbox
+    files = mr_series(tmp_path / "in", n=3, seed=seed)
+    assert storescu(gw.port, files[:2]).returncode == 0
+    wait_for(lambda: len(_outputs(gw)) == 1, 30, "the first result")
+    assert storescu(gw.port, files[2:]).returncode == 0  # a late instance: the series runs again
+    wait_for(lambda: len(_outputs(gw)) == 2, 30, "the second result")
+    first, second = (_outputs(gw)[k] for k in sorted(_outputs(gw)))
+    return first, second
+
+
+def test_a_rerun_after_late_instances_says_and_references_what_it_supersedes(
     tmp_path: Path, make_gateway: Callable[..., GatewayProcess]
 ) -> None:
-    gw = make_gateway(series_timeout=1, release_quiet=0.2)  # no destination: results land in the outbox
-    files = mr_series(tmp_path / "in", n=3, seed=84)
-    assert storescu(gw.port, files[:2]).returncode == 0
+    first, second = _first_and_rerun(tmp_path, make_gateway, seed=84)
+    assert not any("supersedes" in d.SeriesDescription or "RelatedSeriesSequence" in d for d in first)
+    assert len(second) == 3, "no rejection note unless asked for"
+    old_series = {(d.StudyInstanceUID, d.SeriesInstanceUID) for d in first}
+    for d in second:
+        assert d.SeriesDescription.endswith("(supersedes v1)") and len(d.SeriesDescription) <= 64
+        assert {(r.StudyInstanceUID, r.SeriesInstanceUID) for r in d.RelatedSeriesSequence} == old_series
+    assert_valid([d.filename for d in second])
 
-    def outputs() -> dict[int, list[str]]:
-        out: dict[int, list[str]] = {}
-        for path in sorted((gw.data_dir / "outbox").rglob("*.dcm")):
-            job = int(path.parent.name)  # outbox/<job id>/
-            out.setdefault(job, []).append(str(dcmread(path, stop_before_pixels=True).SeriesDescription))
-        return out
 
-    wait_for(lambda: len(outputs()) == 1, 30, "the first result")
-    assert storescu(gw.port, files[2:]).returncode == 0  # a late instance: the series runs again
-    wait_for(lambda: len(outputs()) == 2, 30, "the second result")
-    first, second = (outputs()[k] for k in sorted(outputs()))
-    assert not any("supersedes" in d for d in first)
-    assert len(second) == 3 and all(d.endswith("(supersedes v1)") and len(d) <= 64 for d in second)
+def test_an_iocm_rejection_note_rejects_the_superseded_result(
+    tmp_path: Path, make_gateway: Callable[..., GatewayProcess]
+) -> None:
+    first, second = _first_and_rerun(tmp_path, make_gateway, seed=85, jobs={"iocm_rejection_notes": True})
+    notes = [d for d in second if d.SOPClassUID == KeyObjectSelectionDocumentStorage]
+    assert len(notes) == 1 and len(second) == 4
+    note = notes[0]
+    title = note.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator) == ("113001", "DCM")  # Rejected for Quality Reasons
+    referenced = {
+        sop.ReferencedSOPInstanceUID
+        for study in note.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
+    assert referenced == {d.SOPInstanceUID for d in first}, "the note rejects exactly the first result"
+    assert note.StudyInstanceUID == first[0].StudyInstanceUID and note.PatientID == first[0].PatientID
+    assert_valid([note.filename])
+
+
+def test_a_superseding_report_lists_the_earlier_reports_as_predecessors() -> None:
+    sr_class, seg_class = "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.66.4"
+    earlier = [
+        OutputRow("1.9.1", sr_class, "1.9", "1.9.10", "/x/a.dcm"),
+        OutputRow("1.9.2", seg_class, "1.9", "1.9.20", "/x/b.dcm"),
+    ]
+    report, image = Dataset(), Dataset()
+    report.SOPClassUID, report.SeriesDescription = sr_class, "Tumour report"
+    image.SOPClassUID, image.SeriesDescription = seg_class, "X" * 64
+    mark_superseding([report, image], 1, earlier)
+    assert image.SeriesDescription == "X" * 48 + " (supersedes v1)"
+    assert {r.SeriesInstanceUID for r in image.RelatedSeriesSequence} == {"1.9.10", "1.9.20"}
+    assert "RelatedSeriesSequence" not in report  # not in the SR Document Series module
+    (study,) = report.PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    assert (study.StudyInstanceUID, series.SeriesInstanceUID) == ("1.9", "1.9.10")
+    assert [r.ReferencedSOPInstanceUID for r in series.ReferencedSOPSequence] == ["1.9.1"]

@@ -316,6 +316,8 @@ def test_idle_and_slow_associations_are_aborted(make_gateway: MakeGateway) -> No
         assert closed_within(idle, 2 + 2), "an idle association outlived idle_timeout_seconds"
         assert closed_within(slow, 2 + 2 - (time.monotonic() - t0)), "a PDU trickled in beyond idle_timeout_seconds"
     wait_for(lambda: gw.metrics()["aigw_associations_open"] == 0, 3, "the slots of the timed-out associations")
+    assert rejected(gw, AbortReason.IDLE_TIMEOUT.label) == 2, "each timeout is counted"
+    assert len(log_lines(gw, AbortReason.IDLE_TIMEOUT.label)) == 1, "logged once per peer and minute"
     assert_echo_fast(gw)
 
 

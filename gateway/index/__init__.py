@@ -17,7 +17,7 @@ Each stage owns its table or columns, and its transitions live in one module:
 :class:`Index` combines the stage classes over one pair of engines, so callers
 hold one object (``index.claim_job(...)``, ``index.record_batch(...)``). Reads
 return frozen row dataclasses (:class:`SeriesRow`, :class:`InstanceRow`,
-:class:`JobRow`, :class:`RunnableJob`, :class:`SendRow`) named like the columns.
+:class:`JobRow`, :class:`OutputRow`, :class:`RunnableJob`, :class:`SendRow`) named like the columns.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from gateway.index.instances import (
     RecordOutcome,
     SeriesRow,
 )
-from gateway.index.jobs import JobRow, JobTable, RunnableJob
+from gateway.index.jobs import JobRow, JobTable, OutputRow, RunnableJob
 from gateway.index.schema import (
     JobState,
     SendState,
@@ -55,6 +55,7 @@ __all__ = [
     "InstanceRow",
     "JobRow",
     "JobState",
+    "OutputRow",
     "RecordOutcome",
     "Recorded",
     "RunnableJob",

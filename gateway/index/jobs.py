@@ -15,10 +15,10 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from gateway.index.schema import IndexBase, JobState, from_row, jobs_t
+from gateway.index.schema import IndexBase, JobState, from_row, jobs_t, outputs_t
 from gateway.index.sends import queue_sends
 
-__all__ = ["JobRow", "JobTable", "RunnableJob"]
+__all__ = ["JobRow", "JobTable", "OutputRow", "RunnableJob"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,17 @@ class JobRow:
     started_at: float | None
     finished_at: float | None
     outputs: int
+
+
+@dataclass(frozen=True)
+class OutputRow:
+    """One ``outputs`` row: an instance a job wrote, where it lies and which series it is in."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    path: str
 
 
 @dataclass(frozen=True)
@@ -137,15 +148,15 @@ class JobTable(IndexBase):
         self,
         job_id: int,
         owner: str,
-        outputs: Sequence[tuple[str, str, Path]],
+        outputs: Sequence[OutputRow],
         destinations: Sequence[str],
         *,
         now: float,
     ) -> bool:
         """Record outputs and queue their sends, in one transaction.
 
-        ``outputs`` holds (SOPInstanceUID, SOPClassUID, path). Returns False if
-        this owner lost the job (lease expired and someone else took it).
+        Returns False if this owner lost the job (lease expired and someone
+        else took it).
         """
         with self._tx() as conn:
             res = conn.execute(
@@ -159,8 +170,20 @@ class JobTable(IndexBase):
             )
             if not res.rowcount:
                 return False
-            queue_sends(conn, job_id, outputs, destinations, now)
+            # A job run again after a lost lease keeps only its last run's outputs.
+            conn.execute(outputs_t.delete().where(outputs_t.c.job_id == job_id))
+            if outputs:
+                conn.execute(outputs_t.insert(), [{"job_id": job_id, **vars(o)} for o in outputs])
+            items = [(o.sop_instance_uid, o.sop_class_uid, Path(o.path)) for o in outputs]
+            queue_sends(conn, job_id, items, destinations, now)
             return True
+
+    def job_outputs(self, job_id: int) -> list[OutputRow]:
+        """The instances a succeeded job put out (none for jobs of versions before this table)."""
+        cols = [outputs_t.c[f] for f in OutputRow.__dataclass_fields__]
+        with self._ro() as conn:
+            q = sa.select(*cols).where(outputs_t.c.job_id == job_id).order_by(outputs_t.c.sop_instance_uid)
+            return [from_row(OutputRow, r) for r in conn.execute(q)]
 
     def job_failed(self, job_id: int, owner: str, error: str, *, now: float, retry_at: float | None) -> bool:
         """Record a failure: back to the queue at ``retry_at``, or failed for good."""

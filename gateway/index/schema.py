@@ -31,6 +31,7 @@ __all__ = [
     "instances_t",
     "jobs_t",
     "metadata",
+    "outputs_t",
     "sends_t",
     "series_t",
 ]
@@ -133,6 +134,19 @@ jobs_t = sa.Table(
     sa.Column("finished_at", sa.Float, nullable=True),
     sa.Column("outputs", sa.Integer, nullable=False, default=0),
     sa.UniqueConstraint("series_uid", "series_version", "route", name="uq_job_series_route"),
+)
+
+#: What each job put out: so a rerun's result can reference (and reject) the one it supersedes.
+#: A table of its own, so that an index made by an earlier version gains it by create_all.
+outputs_t = sa.Table(
+    "outputs",
+    metadata,
+    sa.Column("job_id", sa.Integer, primary_key=True),
+    sa.Column("sop_instance_uid", sa.String(64), primary_key=True),
+    sa.Column("sop_class_uid", sa.String(64), nullable=False),
+    sa.Column("study_uid", sa.String(64), nullable=False),
+    sa.Column("series_uid", sa.String(64), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
 )
 
 sends_t = sa.Table(

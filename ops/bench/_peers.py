@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+
+from gateway.apps.viewer._tools import free_port
 
 __all__ = [
     "DCMTK_ENV",
@@ -57,13 +58,6 @@ def dcmtk_env() -> dict[str, str]:
 
 class BenchError(RuntimeError):
     """The benchmark run itself failed (a peer did not start, a send failed)."""
-
-
-def free_port() -> int:
-    """A free TCP port on loopback (bind port 0 and let the kernel choose)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 @cache

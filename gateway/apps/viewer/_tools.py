@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import sys
@@ -23,9 +24,43 @@ def setup_hint(what: str) -> str:
     return f"{what}; `{SETUP_COMMAND}` (README, Quick start) installs it"
 
 
+#: Ports this process handed out, never handed out twice.
+_HANDED: set[int] = set()
+#: Below this, ports are left to well-known and registered services.
+_LOWEST = 10000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that was free a moment ago, outside the kernel's ephemeral range.
+
+    ``bind(port 0)`` takes a port from the ephemeral range, from which every
+    outgoing connection also takes its local port: between the pick and the
+    server's own bind, a client's ``connect`` could take it (seen in CI as
+    Orthanc's "port already in use"). Below the range only servers bind.
+    """
+    lo, _ = _ephemeral_range()
+    if lo - _LOWEST >= 1000:
+        rng = random.SystemRandom()
+        for _ in range(500):
+            port = rng.randrange(_LOWEST, lo)
+            if port in _HANDED:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _HANDED.add(port)
+            return port
+    with socket.socket() as s:  # a machine whose ephemeral range leaves no room below it
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

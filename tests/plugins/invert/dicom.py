@@ -24,7 +24,7 @@ def inverted_image(
     ds.SeriesInstanceUID = ctx.uid("series")
     ds.SeriesNumber = derived_series_number(src.get("SeriesNumber"), SERIES_OFFSET)
     ds.SeriesDescription = f"INVERTED {ds.get('SeriesDescription', '')}"[:64]
-    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.ImageType = ["DERIVED", "SECONDARY", "OTHER"]  # the MR IOD wants a third value (C.8.3.1.1.1)
     ds.InstanceNumber = index + 1
     bits = max_value.bit_length()
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
