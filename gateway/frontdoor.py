@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
+from gateway._wakeup import Wakeup, event_driven
 from gateway.status import Abort, AbortReason, Rejection, RejectReason
 
 if TYPE_CHECKING:
@@ -292,7 +293,9 @@ class _BoundedSocket(AssociationSocket):
     (Evt17) and ends the association, and the body is never read.
     """
 
-    def __init__(self, original: AssociationSocket, replay: bytes, door: FrontDoor, address: str) -> None:
+    def __init__(
+        self, original: AssociationSocket, replay: bytes, door: FrontDoor, address: str, wakeup: Wakeup
+    ) -> None:
         # Take over the wrapper pynetdicom built rather than run its __init__
         # again, which would queue a second transport-connection event (Evt5).
         self.__dict__.update(original.__dict__)
@@ -303,10 +306,24 @@ class _BoundedSocket(AssociationSocket):
         #: Set by the first abort of ours; a second path to the same end (the
         #: idle timer and a stalled read expire together) is not counted again.
         self._aborted = threading.Lock()
+        self._wakeup = wakeup
 
     @property
     def ready(self) -> bool:
-        return bool(self._replay) or bool(super().ready)
+        if self._replay:
+            return True
+        if self.socket is None or not self._is_connected:
+            return False
+        try:
+            # Blocks until data, a reply to send, or a tick: see gateway._wakeup.
+            return self._wakeup.wait_readable(self.socket)
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # what pynetdicom's ready() does: the connection is gone
+            return False
+
+    def close(self) -> None:
+        super().close()
+        self._wakeup.close()
 
     def recv(self, nr_bytes: int) -> bytearray:
         header = self._header_next and nr_bytes == 6
@@ -384,7 +401,7 @@ class _HandoffHandler(RequestHandler):
         assert original is not None
         # What Association.set_socket does, which refuses to replace a socket.
         door = self._handoff.door
-        sock = _BoundedSocket(original, self._handoff.replay, door, self.client_address[0])
+        sock = _BoundedSocket(original, self._handoff.replay, door, self.client_address[0], event_driven(assoc))
         assoc.dul.socket = sock
         # pynetdicom's idle timer aborts a silent association (A-ABORT) and says
         # so only at ERROR without the peer; asked once before that abort, this counts and logs it.

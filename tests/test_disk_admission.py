@@ -260,3 +260,28 @@ def test_admission_is_asked_before_the_first_byte_and_each_fragment(tmp_path: Pa
     assert refused_at_once.refused is limit and not os.path.exists(refused_at_once.name)
     refused_at_once.write(b"data")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_free_space_is_measured_rarely_far_from_the_watermark_and_often_near_it() -> None:
+    from gateway.ingest import _FreeSpace
+
+    disk = {"free": 100 * MiB}
+    measured: list[int] = []
+
+    def measure() -> int:
+        measured.append(disk["free"])
+        return disk["free"]
+
+    space = _FreeSpace(measure, watermark=4 * MiB)
+    chunk = 16 * 1024
+    refused_at = None
+    for i in range(100 * MiB // chunk):
+        free = space.free(chunk)
+        assert free <= disk["free"], "the estimate never says more than is free"
+        if free - chunk < 4 * MiB:
+            refused_at = disk["free"]
+            break
+        disk["free"] -= chunk  # the write
+    assert refused_at is not None and 4 * MiB <= refused_at < 4 * MiB + chunk, "writing stopped at the watermark"
+    # 6,000 fragments, a few dozen measurements: halving the headroom each time.
+    assert 5 <= len(measured) <= 40, len(measured)

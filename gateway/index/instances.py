@@ -111,6 +111,35 @@ class InstanceRow:
     headers: str
 
 
+# The arrival path's statements, built once: on the hot path SQLAlchemy then
+# only binds parameters (building a statement per instance cost more than running it).
+_SELECT_INSTANCE = sa.select(instances_t.c.sha256).where(instances_t.c.sop_instance_uid == sa.bindparam("uid"))
+_SELECT_SERIES = sa.select(series_t).where(series_t.c.series_uid == sa.bindparam("uid"))
+_INSERT_CONFLICT = conflicts_t.insert()
+_INSERT_SERIES = series_t.insert()
+_INSERT_INSTANCE = instances_t.insert()
+_UPDATE_SERIES = (
+    series_t.update()
+    .where(series_t.c.series_uid == sa.bindparam("uid"))
+    .values(
+        {
+            c: sa.bindparam(c)
+            for c in (
+                "last_arrival",
+                "instance_count",
+                "total_bytes",
+                "expected_instances",
+                "state",
+                "version",
+                "deadline",
+                "completed_at",
+                "completed_by",
+            )
+        }
+    )
+)
+
+
 class InstanceTable(IndexBase):
     """Arrival-stage reads and writes of ``instances``, ``series`` and ``conflicts``."""
 
@@ -142,83 +171,88 @@ class InstanceTable(IndexBase):
         re-arms a receiving series' deadline; one that arrives after the
         series was routed starts a new version when ``reprocess_late``.
         """
-        existing = conn.execute(
-            sa.select(instances_t.c.sha256).where(instances_t.c.sop_instance_uid == rec.sop_instance_uid)
-        ).first()
+        existing = conn.execute(_SELECT_INSTANCE, {"uid": rec.sop_instance_uid}).first()
         if existing is not None:
             if existing.sha256 == rec.sha256:
                 return Recorded(RecordOutcome.DUPLICATE)
             conn.execute(
-                conflicts_t.insert().values(
-                    sop_instance_uid=rec.sop_instance_uid,
-                    path=str(rec.path),
-                    sha256=rec.sha256,
-                    calling_ae=rec.calling_ae,
-                    received_at=now,
-                )
+                _INSERT_CONFLICT,
+                {
+                    "sop_instance_uid": rec.sop_instance_uid,
+                    "path": str(rec.path),
+                    "sha256": rec.sha256,
+                    "calling_ae": rec.calling_ae,
+                    "received_at": now,
+                },
             )
             return Recorded(RecordOutcome.CONFLICT)
 
-        s = conn.execute(sa.select(series_t).where(series_t.c.series_uid == rec.series_uid)).first()
-        deadline = now + quiet_seconds
+        s = conn.execute(_SELECT_SERIES, {"uid": rec.series_uid}).first()
         if s is None:
             version, count, expected = 1, 1, rec.expected_instances
             conn.execute(
-                series_t.insert().values(
-                    series_uid=rec.series_uid,
-                    study_uid=rec.study_uid,
-                    modality=rec.modality[:16],
-                    calling_ae=rec.calling_ae,
-                    first_arrival=now,
-                    last_arrival=now,
-                    instance_count=1,
-                    total_bytes=rec.size_bytes,
-                    state=SeriesState.RECEIVING.value,
-                    version=1,
-                    quiet_seconds=quiet_seconds,
-                    deadline=deadline,
-                    expected_instances=rec.expected_instances,
-                )
+                _INSERT_SERIES,
+                {
+                    "series_uid": rec.series_uid,
+                    "study_uid": rec.study_uid,
+                    "modality": rec.modality[:16],
+                    "calling_ae": rec.calling_ae,
+                    "first_arrival": now,
+                    "last_arrival": now,
+                    "instance_count": 1,
+                    "total_bytes": rec.size_bytes,
+                    "state": SeriesState.RECEIVING.value,
+                    "version": 1,
+                    "quiet_seconds": quiet_seconds,
+                    "deadline": now + quiet_seconds,
+                    "expected_instances": rec.expected_instances,
+                },
             )
         else:
-            version, count = s.version, s.instance_count + 1
+            count = s.instance_count + 1
             expected = s.expected_instances or rec.expected_instances
-            values: dict[str, Any] = {
+            # Every column the statement sets, computed here: one statement, prepared once.
+            values = {
+                "uid": rec.series_uid,
                 "last_arrival": now,
-                "instance_count": s.instance_count + 1,
+                "instance_count": count,
                 "total_bytes": s.total_bytes + rec.size_bytes,
+                "expected_instances": expected,
+                "state": s.state,
+                "version": s.version,
+                "deadline": s.deadline,
+                "completed_at": s.completed_at,
+                "completed_by": s.completed_by,
             }
-            if rec.expected_instances and not s.expected_instances:
-                values["expected_instances"] = rec.expected_instances
             if s.state == SeriesState.RECEIVING.value:
                 # A new instance re-arms the full quiet period (hints are re-checked later).
-                values["deadline"] = now + s.quiet_seconds
-                values["completed_by"] = None
+                values.update(deadline=now + s.quiet_seconds, completed_by=None)
             elif reprocess_late:
-                version = s.version + 1
                 values.update(
                     state=SeriesState.RECEIVING.value,
-                    version=version,
+                    version=s.version + 1,
                     deadline=now + s.quiet_seconds,
                     completed_at=None,
                     completed_by=None,
                 )
-            conn.execute(series_t.update().where(series_t.c.series_uid == rec.series_uid).values(**values))
+            version = int(values["version"])
+            conn.execute(_UPDATE_SERIES, values)
         conn.execute(
-            instances_t.insert().values(
-                sop_instance_uid=rec.sop_instance_uid,
-                series_uid=rec.series_uid,
-                study_uid=rec.study_uid,
-                sop_class_uid=rec.sop_class_uid,
-                transfer_syntax=rec.transfer_syntax,
-                path=str(rec.path),
-                size_bytes=rec.size_bytes,
-                sha256=rec.sha256,
-                calling_ae=rec.calling_ae,
-                received_at=now,
-                series_version=version,
-                headers=json.dumps(rec.headers, separators=(",", ":"), default=str),
-            )
+            _INSERT_INSTANCE,
+            {
+                "sop_instance_uid": rec.sop_instance_uid,
+                "series_uid": rec.series_uid,
+                "study_uid": rec.study_uid,
+                "sop_class_uid": rec.sop_class_uid,
+                "transfer_syntax": rec.transfer_syntax,
+                "path": str(rec.path),
+                "size_bytes": rec.size_bytes,
+                "sha256": rec.sha256,
+                "calling_ae": rec.calling_ae,
+                "received_at": now,
+                "series_version": version,
+                "headers": json.dumps(rec.headers, separators=(",", ":"), default=str),
+            },
         )
         return Recorded(RecordOutcome.STORED, count, expected)
 
