@@ -319,6 +319,25 @@ class GatewaySettings(_Strict):
     tls: ListenerTLS | None = Field(
         default=None, description="[gateway.tls]: a DICOM TLS listener beside the plain one; unset: none"
     )
+    listener_processes: int | Literal["auto"] = Field(
+        default=1,
+        description="processes that accept DICOM on the port (and the TLS port), sharing them with SO_REUSEPORT, "
+        "the data dir and the index; 'auto': one per core. Each takes an equal share of max_associations, "
+        "max_connections and max_connections_per_address. 1: all in the gateway process",
+    )
+
+    @field_validator("listener_processes")
+    @classmethod
+    def _processes(cls, v: int | str) -> int | str:
+        if v != "auto" and not (isinstance(v, int) and 1 <= v <= 64):
+            raise ValueError("listener_processes is 'auto' or 1 to 64")
+        return v
+
+    def listener_count(self) -> int:
+        """How many listener processes ``listener_processes`` asks for on this machine."""
+        if self.listener_processes == "auto":
+            return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        return int(self.listener_processes)
 
     _ae = field_validator("ae_title")(lambda cls, v: _check_ae(v))
     _allow = field_validator("allow_ae")(lambda cls, v: [_check_ae(x) for x in v])

@@ -433,8 +433,16 @@ class _HandoffServer(AssociationServer):
         contexts: list[PresentationContext],
         ssl_context: None = None,
         evt_handlers: list[Any] | None = None,
+        reuse_port: bool = False,
     ) -> None:
+        self.reuse_port = reuse_port
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers, request_handler=_HandoffHandler)
+
+    def server_bind(self) -> None:
+        if self.reuse_port and self.socket is not None:
+            # Several listener processes on one port: the kernel spreads new connections over them.
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 # ----------------------------------------------------------------- the door
@@ -480,6 +488,9 @@ class FrontDoor:
     tls : tuple, optional
         ``((host, port), ssl_context)``: a DICOM TLS port beside the plain one,
         with the same caps and limits (PS3.15 B.9).
+    reuse_port : bool
+        Bind with ``SO_REUSEPORT``, so that other listener processes can bind
+        the same ports (:mod:`gateway.listeners`).
     """
 
     def __init__(
@@ -491,11 +502,14 @@ class FrontDoor:
         count: Callable[[str], None],
         refusals: RefusalLog | None = None,
         tls: tuple[tuple[str, int], ssl.SSLContext] | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.limits = limits
         self._count = count
         self.refusals = refusals or RefusalLog(log)
-        self._server = ae.make_server(address, evt_handlers=evt_handlers, server_class=_HandoffServer)
+        self._server = ae.make_server(
+            address, evt_handlers=evt_handlers, server_class=_HandoffServer, reuse_port=reuse_port
+        )
         assert self._server.socket is not None  # bound and listening
         self._listen: socket.socket = self._server.socket
         self._listen.setblocking(False)
@@ -505,7 +519,9 @@ class FrontDoor:
         self.tls_port: int | None = None
         if tls is not None:
             try:
-                tls_sock = socket.create_server(tls[0], backlog=_HandoffServer.request_queue_size)
+                tls_sock = socket.create_server(
+                    tls[0], backlog=_HandoffServer.request_queue_size, reuse_port=reuse_port
+                )
             except OSError:
                 self._server.server_close()
                 raise

@@ -30,12 +30,15 @@ outlives the call.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -230,13 +233,34 @@ class _Refusal(Exception):
 
 
 class _UidLocks:
-    """Striped locks so two senders storing the same SOP Instance UID serialise."""
+    """Striped locks so two senders storing the same SOP Instance UID serialise, in any listener process.
 
-    def __init__(self, stripes: int = 64) -> None:
+    Between the index lookup and the index row, a second store of the UID must
+    wait: else its rename could replace the first one's file with other bytes.
+    A thread lock orders this process's threads and an ``flock`` on the
+    stripe's file in ``<data_dir>/locks`` the listener processes
+    (:mod:`gateway.listeners`); both are released when the holder ends, a
+    killed process included.
+    """
+
+    def __init__(self, folder: Path, stripes: int = 64) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
         self._locks = [threading.Lock() for _ in range(stripes)]
+        self._files = [str(folder / f"uid-{i:02d}.lock") for i in range(stripes)]
+        self._fds: list[int | None] = [None] * stripes
 
-    def __call__(self, key: str) -> threading.Lock:
-        return self._locks[int(hashlib.blake2s(key.encode(), digest_size=2).hexdigest(), 16) % len(self._locks)]
+    @contextmanager
+    def __call__(self, key: str) -> Iterator[None]:
+        i = int(hashlib.blake2s(key.encode(), digest_size=2).hexdigest(), 16) % len(self._locks)
+        with self._locks[i]:
+            fd = self._fds[i]
+            if fd is None:
+                fd = self._fds[i] = os.open(self._files[i], os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _uid(value: object, what: str) -> str:
@@ -357,7 +381,7 @@ class Ingest:
         self._owns_writer = committer is None
         self._writer = committer if committer is not None else GroupCommitter(index)
         self._started = False
-        self._locks = _UidLocks()
+        self._locks = _UidLocks(data.root / "locks")
         self._space = _FreeSpace(self._free_bytes, settings.min_free_bytes)
 
     def start(self) -> None:

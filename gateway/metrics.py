@@ -286,6 +286,71 @@ def _http_response(code: int, body: bytes, ctype: str, extra: Sequence[tuple[str
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
+#: What a listener process (gateway.listeners) adds to the gateway's own samples: the families
+#: its receive path moves, summed over the processes, or the largest value for those that hold
+#: one state for all (a timestamp, a 0/1 flag).
+_LISTENER_SUMMED = frozenset(
+    {
+        "aigw_instances_received",
+        "aigw_received_bytes",
+        "aigw_associations_open",
+        "aigw_associations_accepted",
+        "aigw_associations_rejected",
+        "aigw_connections_open",
+    }
+)
+_LISTENER_MAXED = frozenset({"aigw_last_instance_received_timestamp_seconds", "aigw_refusing_for_space"})
+
+
+def merge_expositions(own: bytes, listeners: Sequence[bytes]) -> bytes:
+    """The gateway's exposition with the listener processes' receive-path samples added in.
+
+    Every family of ``own`` stays as it is, in its order; of each listener's
+    exposition only the families in ``_LISTENER_SUMMED`` (added to the same
+    name and labels) and ``_LISTENER_MAXED`` (the largest kept) count.
+    A listener's text that does not parse is left out, not the scrape.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client.samples import Sample
+
+    families = {f.name: f for f in text_string_to_metric_families(own.decode())}
+    values = {n: {(x.name, tuple(sorted(x.labels.items()))): x.value for x in f.samples} for n, f in families.items()}
+    for text in listeners:
+        try:
+            theirs = list(text_string_to_metric_families(text.decode()))
+        except ValueError:
+            log.warning("a listener process's metrics did not parse; left out of this scrape")
+            continue
+        for fam in theirs:
+            if fam.name not in values or (fam.name not in _LISTENER_SUMMED and fam.name not in _LISTENER_MAXED):
+                continue
+            mine = values[fam.name]
+            for x in fam.samples:
+                key = (x.name, tuple(sorted(x.labels.items())))
+                if fam.name in _LISTENER_MAXED:
+                    mine[key] = max(mine.get(key, x.value), x.value)
+                else:
+                    mine[key] = mine.get(key, 0.0) + x.value
+    merged = []
+    for name, fam in families.items():
+        out = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+        out.samples = [Sample(n, dict(labels), v) for (n, labels), v in values[name].items()]
+        merged.append(out)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(merged))
+    return generate_latest(registry)
+
+
+class _Fixed:
+    """A collector of families computed beforehand (merge_expositions renders through the library)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
 _T = TypeVar("_T")
 
 
@@ -364,6 +429,8 @@ class MetricsServer:
         Brings the index-derived gauges up to date; called at most every ``cache_seconds``.
     settings : MetricsSettings, optional
         ``[metrics]``: auth, credential, cache_seconds, max_connections, read_timeout_seconds.
+    listeners : callable, optional
+        The expositions of the listener processes (:mod:`gateway.listeners`), merged into ``/metrics``.
     """
 
     _WORKERS = 4
@@ -377,8 +444,11 @@ class MetricsServer:
         readiness: Callable[[], dict[str, bool]],
         refresh: Callable[[], None] | None = None,
         settings: MetricsSettings | None = None,
+        listeners: Callable[[], list[bytes]] | None = None,
     ) -> None:
         from gateway.config import MetricsSettings
+
+        self._listeners = listeners
 
         self._registry = metrics.registry
         self._readiness = readiness
@@ -566,6 +636,8 @@ class MetricsServer:
             if self._refresh is not None:
                 self._refresh()
             body = generate_latest(self._registry)
+            if self._listeners is not None:
+                body = merge_expositions(body, self._listeners())
             ctype = CONTENT_TYPE_LATEST
         elif path == "/healthz":
             body, ctype = b'{"status":"alive"}\n', "application/json"

@@ -187,7 +187,14 @@ class StorageSCP:
         # DICOM TLS (PS3.15 B.9) on its own port, through the same front door.
         tls = None if s.tls is None else ((s.host, s.tls.port), server_context(s.tls))
         self._server = FrontDoor(
-            ae, (s.host, s.port), FrontDoorLimits.from_settings(s), handlers, self._count_rejection, self._refusals, tls
+            ae,
+            (s.host, s.port),
+            FrontDoorLimits.from_settings(s),
+            handlers,
+            self._count_rejection,
+            self._refusals,
+            tls,
+            reuse_port=s.listener_count() > 1,  # gateway.listeners: the other processes bind the same ports
         )
         self.port = self._server.start()
         # Read at scrape time: the selector thread owns the count, so it needs no lock.

@@ -23,6 +23,7 @@ from gateway.config import Config, LatePolicy, MetricsAuth
 from gateway.index import Index, JobState, SendState
 from gateway.ingest import Ingest
 from gateway.jobs import JobRunner, LocalExecutor
+from gateway.listeners import ListenerPool, shared_out
 from gateway.metrics import Metrics, MetricsServer, dependency_checks
 from gateway.models import ModelRegistry
 from gateway.plugins import PluginSet, discover
@@ -131,8 +132,9 @@ class Gateway:
             hint_quiet_seconds=config.completion.hint_quiet_seconds,
             reprocess_late=config.completion.late_instances == LatePolicy.REPROCESS,
         )
+        # With more listener processes, this one takes its share of the caps like each of them.
         self.scp = StorageSCP(
-            config.gateway,
+            shared_out(config.gateway),
             self.data,
             self.index,
             self.metrics,
@@ -142,6 +144,9 @@ class Gateway:
             ingest=self.ingest,
             abort_grace_seconds=config.completion.abort_grace_seconds,
         )
+        self.listeners: ListenerPool | None = None
+        if config.gateway.listener_count() > 1:
+            self.listeners = ListenerPool(config, on_lost=self._listener_lost)
         # STOW-RS, the second transport of the same ingest (PS3.18 10.5), when enabled.
         self.dicomweb: DicomWebServer | None = None
         if config.dicomweb.enabled:
@@ -175,10 +180,17 @@ class Gateway:
         return {
             **self._slow_checks(),
             "listener": self.scp.is_up,
+            **({"listener_processes": self.listeners.alive()} if self.listeners is not None else {}),
             # False while new instances get 0xA700 for space ("refusing for space").
             "free_space_above_watermark": not self.ingest.refusing_for_space(),
             **({"dicomweb": self.dicomweb.is_up} if self.dicomweb is not None else {}),
         }
+
+    def _listener_lost(self, number: int) -> None:
+        """A listener process died: the associations it held were cut, so their series wait (abort grace)."""
+        grace = self.config.completion.abort_grace_seconds
+        n = self.index.defer_completion(None, now=time.time(), within=grace)
+        log.info("listener process %d lost: %d open series wait at least %.0f s for their senders", number, n, grace)
 
     def refresh_gauges(self) -> None:
         counts = self.index.counts()
@@ -205,7 +217,13 @@ class Gateway:
             m = self.config.metrics
             with _naming_address(m.host, m.port):
                 self.http = MetricsServer(
-                    self.metrics, m.host, m.port, self.readiness, refresh=self.refresh_gauges, settings=m
+                    self.metrics,
+                    m.host,
+                    m.port,
+                    self.readiness,
+                    refresh=self.refresh_gauges,
+                    settings=m,
+                    listeners=None if self.listeners is None else self.listeners.expositions,
                 )
             self.http.start()
             log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.http.port)
@@ -220,6 +238,9 @@ class Gateway:
         self.ingest.start()
         with _naming_address(self.config.gateway.host, self.config.gateway.port):
             self.scp.start()
+        if self.listeners is not None:
+            assert self.scp.port is not None
+            self.listeners.start(self.scp.port, self.scp.tls_port)
         if self.dicomweb is not None:
             with _naming_address(self.config.dicomweb.host, self.config.dicomweb.port):
                 self.dicomweb.start()
@@ -237,6 +258,8 @@ class Gateway:
             return
         self._stopped.set()
         log.info("stopping")
+        if self.listeners is not None:
+            self.listeners.stop()
         self.scp.stop()
         if self.dicomweb is not None:
             self.dicomweb.stop()

@@ -35,6 +35,7 @@ __all__ = [
     "count_files",
     "cpu_seconds",
     "dcmtk",
+    "descendants",
     "free_port",
     "send_parallel",
     "vm_kib",
@@ -111,6 +112,22 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children ...) that runs now."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+            out += kids
+            todo += kids
+    return out
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -213,11 +230,28 @@ class GatewayPeer(_Peer):
     name = "aigw"
     called_ae = "AIGW"
 
-    def __init__(self, workdir: Path, series_timeout: float = 5.0, config: Path | None = None) -> None:
+    def __init__(
+        self, workdir: Path, series_timeout: float = 5.0, config: Path | None = None, listener_processes: int = 1
+    ) -> None:
         super().__init__(workdir)
         self.data_dir = workdir / "data"
         self.series_timeout = series_timeout
         self.config = config
+        if listener_processes > 1:
+            if config is not None:
+                raise BenchError("GatewayPeer: listener_processes needs the peer's own configuration")
+            self.config = workdir / "aigw.toml"
+            self.config.write_text(f"[gateway]\nlistener_processes = {listener_processes}\n")
+
+    def cpu_seconds(self) -> float | None:
+        """CPU of the gateway process and of its listener processes."""
+        total = 0.0
+        for pid in [self.pid, *descendants(self.pid)]:
+            try:
+                total += cpu_seconds(pid)
+            except OSError:  # ended meanwhile
+                pass
+        return total
 
     def command(self) -> list[str]:
         return [

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import math
 import os
 import shutil
@@ -65,7 +66,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,6 +294,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="leave Nagle's algorithm on in DCMTK (its default; without this flag the\n"
         "DCMTK tools run with TCP_NODELAY=1)",
     )
+    ap.add_argument(
+        "--listener-processes",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="P",
+        help="measure aigw with each of these [gateway] listener_processes (default 1); P > 1 is shown as aigw/Pp",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work folder (generated instances)")
     args = ap.parse_args(argv)
     if args.instances < max(args.associations) or args.repeat < 1 or args.size_kb < 1 or args.series < 1:
@@ -332,14 +341,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
 
         results: dict[tuple[str, int], list[Measurement]] = {}
-        cells = [(name, k) for k in args.associations for name in receivers]
+        peers: dict[str, Callable[[Path], _Peer]] = {}
+        for name in receivers:
+            if name != "aigw":
+                peers[name] = RECEIVERS[name]
+                continue
+            for p in args.listener_processes:
+                peers["aigw" if p == 1 else f"aigw/{p}p"] = functools.partial(GatewayPeer, listener_processes=p)
+        cells = [(name, k) for k in args.associations for name in peers]
         n = 0
         for rep in range(args.repeat):
             for name, k in cells:
                 n += 1
                 work = root / f"run-{n:03d}-{name}-{k}"
                 prof = profiler if name == "aigw" and k == max(args.associations) and rep == args.repeat - 1 else None
-                m = measure(RECEIVERS[name](work), split(files, k), len(files), work, prof)
+                m = measure(peers[name](work), split(files, k), len(files), work, prof)
                 results.setdefault((name, k), []).append(m)
                 cpu = f", receiver CPU {m.cpu_seconds:.2f} s" if m.cpu_seconds is not None else ""
                 print(
@@ -373,18 +389,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows,
         )
         print()
-        if "aigw" in receivers:
+        ours = [name for name in peers if name.startswith("aigw")]
+        for mine in ours:
             for base in ("storescp", "pynetdicom"):
-                if base in receivers:
+                if base in peers:
                     for k in args.associations:
-                        print(f"ratio aigw/{base}, {k} association(s): {rate[('aigw', k)] / rate[(base, k)]:.2f}")
-        if {"aigw", "storescp"} <= set(receivers) and TARGET_ASSOCIATIONS in args.associations:
-            ratio = rate[("aigw", TARGET_ASSOCIATIONS)] / rate[("storescp", TARGET_ASSOCIATIONS)]
-            verdict = "MET" if ratio >= TARGET_RATIO else "NOT MET"
-            print(
-                f"target aigw >= {TARGET_RATIO}x storescp with {TARGET_ASSOCIATIONS} associations: "
-                f"{verdict} ({ratio:.2f}x)"
-            )
+                        print(f"ratio {mine}/{base}, {k} association(s): {rate[(mine, k)] / rate[(base, k)]:.2f}")
+        if "aigw" in peers and len(ours) > 1:
+            # Scaling: throughput per listener process relative to one process, per association count.
+            for mine in ours[1:]:
+                procs = int(mine.split("/")[1].rstrip("p"))
+                for k in args.associations:
+                    speedup = rate[(mine, k)] / rate[("aigw", k)]
+                    per = speedup / procs
+                    print(f"scaling {mine} vs aigw, {k} association(s): {speedup:.2f}x ({per:.0%} per process)")
+        if "storescp" in peers and TARGET_ASSOCIATIONS in args.associations:
+            for mine in ours:
+                ratio = rate[(mine, TARGET_ASSOCIATIONS)] / rate[("storescp", TARGET_ASSOCIATIONS)]
+                verdict = "MET" if ratio >= TARGET_RATIO else "NOT MET"
+                print(
+                    f"target {mine} >= {TARGET_RATIO}x storescp with {TARGET_ASSOCIATIONS} associations: "
+                    f"{verdict} ({ratio:.2f}x)"
+                )
         if profiler is not None:
             print(f"py-spy profile of aigw ({max(args.associations)} associations): {args.profile}")
         return 0
