@@ -2,7 +2,9 @@
 
 The gateway listens on a plain and a TLS port side by side. DCMTK's echoscu
 and storescu (``+tls key cert``, ``+cf ca``) are the scanner; storescp
-``+tls`` is the PACS the results go to over TLS.
+``+tls`` is the PACS the results go to over TLS. Orthanc with
+``DicomTlsEnabled`` is a second peer in both roles: the PACS the results go
+to, and a sender to the gateway's TLS port.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pytest
 from gateway.apps.viewer import free_port
 from gateway.config import Destination, ListenerTLS
 from gateway.tls import TLSSetupError, client_context, server_context
-from tests.conftest import GatewayProcess, mr_series, need, storescu, wait_for
+from tests.conftest import GatewayProcess, Orthanc, mr_series, need, storescu, wait_for
 
 MakeGateway = Callable[..., GatewayProcess]
 
@@ -206,6 +208,65 @@ def test_untrusted_tls_peer_is_not_sent_to(
         "a failed send, retried",
     )
     assert not list(out.iterdir()), "nothing reaches a peer whose certificate does not verify"
+
+
+# ------------------------------------------------------------ Orthanc as peer
+def tls_orthanc(pki: PKI, root: Path, gateway_tls_port: int | None = None) -> Orthanc:
+    """Orthanc with DICOM TLS on its DICOM port (client certificates required), trusting our CA.
+
+    Orthanc presents ``server.pem`` in both roles, as PACS and as the SCU that
+    sends to the gateway's TLS port (modality ``aigw``).
+    """
+    extra: dict[str, object] = {
+        "DicomTlsEnabled": True,
+        "DicomTlsCertificate": pki["server.pem"],
+        "DicomTlsPrivateKey": pki["server.key"],
+        "DicomTlsTrustedCertificates": pki["ca.pem"],
+        "DicomTlsRemoteCertificateRequired": True,
+    }
+    if gateway_tls_port is not None:
+        extra["DicomModalities"] = {
+            "aigw": {"AET": "AIGW", "Host": "127.0.0.1", "Port": gateway_tls_port, "UseDicomTls": True}
+        }
+    return Orthanc(root, ae_title="PACS", dicomweb=False, extra_config=extra).start()
+
+
+def test_results_reach_orthanc_over_tls(make_gateway: MakeGateway, pki: PKI, tmp_path: Path) -> None:
+    pacs = tls_orthanc(pki, tmp_path / "orthanc")
+    try:
+        gw = make_gateway(extra_toml=tls_destination(pacs.dicom_port, pki, "ca.pem"))
+        assert storescu(gw.port, mr_series(tmp_path / "in", n=2)).returncode == 0
+        wait_for(lambda: len(pacs.instance_uids()) == 2, 60, "results in Orthanc over TLS")
+        assert gw.metrics().get('aigw_send_attempts_total{destination="pacs",outcome="sent"}', 0) == 2
+        # Orthanc's port speaks TLS only: a plain association there fails.
+        plain = subprocess.run(
+            [need("echoscu"), "-aec", "PACS", "-to", "5", "-ta", "5", "127.0.0.1", str(pacs.dicom_port)],
+            capture_output=True,
+            timeout=30,
+        )
+        assert plain.returncode != 0
+    finally:
+        pacs.stop(graceful=False)
+
+
+def test_orthanc_sends_to_the_gateway_over_tls(make_gateway: MakeGateway, pki: PKI, tmp_path: Path) -> None:
+    gw, port = tls_gateway(make_gateway, pki, require_client_cert=True)
+    pacs = tls_orthanc(pki, tmp_path / "orthanc", gateway_tls_port=port)
+    try:
+        code, body = pacs._http("POST", f"{pacs.url}/modalities/aigw/echo", b"{}")
+        assert code == 200, f"C-ECHO from Orthanc over TLS: {code} {body[:200]!r}"
+        ids = [r["ID"] for r in pacs.upload(mr_series(tmp_path / "in", n=2))]
+        payload = json.dumps({"Resources": ids, "Synchronous": True}).encode()
+        code, body = pacs._http("POST", f"{pacs.url}/modalities/aigw/store", payload)
+        assert code == 200, f"C-STORE from Orthanc over TLS: {code} {body[:300]!r}"
+        wait_for(
+            lambda: gw.metrics().get('aigw_instances_received_total{outcome="stored",transport="dimse"}', 0) == 2,
+            30,
+            "two instances stored from Orthanc",
+        )
+        assert rejected(gw, "tls_handshake_failed") == 0
+    finally:
+        pacs.stop(graceful=False)
 
 
 # ------------------------------------------------------------- configuration

@@ -41,6 +41,8 @@ class Orthanc:
         Require HTTP basic auth (REST and DICOMweb) with these user names and
         passwords (``AuthenticationEnabled``, ``RegisteredUsers``); the REST
         helpers log in as the first one.
+    extra_config : dict, optional
+        More top-level configuration keys (DICOM TLS, modalities), applied last.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class Orthanc:
         dicomweb: bool | None = None,
         dicomweb_config: dict[str, Any] | None = None,
         users: dict[str, str] | None = None,
+        extra_config: dict[str, Any] | None = None,
     ) -> None:
         self.root = root
         self._auth: dict[str, str] = {}
@@ -103,6 +106,7 @@ class Orthanc:
                 "SeriesMetadata": "Full",
                 **(dicomweb_config or {}),
             }
+        cfg.update(extra_config or {})
         self.config = root / "orthanc.json"
         self.config.write_text(json.dumps(cfg, indent=1))
 
