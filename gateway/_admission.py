@@ -21,8 +21,12 @@ disk is full) it removes the partial file and drops the rest of that data
 set as it arrives. DIMSE gives the SCP no way to answer before the data set
 is complete short of aborting, so the handler then answers the refusal,
 0xA700 (PS3.4 B.2.3), on an association that stays usable; the next
-C-STORE is admitted afresh. When an association ends with a data set still
-streaming, :meth:`StreamAdmission.discard` removes its file at once.
+C-STORE is admitted afresh. A refused data set that goes on for more than
+``max_instance_bytes`` past the refusal is not read to its end: the
+association is aborted (:func:`gateway.frontdoor.abort_association`), so a
+sender cannot keep the listener reading for ever. When an association ends
+with a data set still streaming, :meth:`StreamAdmission.discard` removes its
+file at once.
 
 This is the only change below pynetdicom's public API; it is tested in
 ``tests/test_disk_admission.py`` against pynetdicom's real receive path.
@@ -42,7 +46,9 @@ from typing import Any
 
 from pynetdicom import dimse_messages
 
+from gateway.frontdoor import abort_association
 from gateway.ingest import RefusalReason, Refused
+from gateway.status import AbortReason
 
 __all__ = ["AdmittedStream", "StreamAdmission"]
 
@@ -65,8 +71,10 @@ class AdmittedStream:
         File name suffix, as pynetdicom asks for it.
     """
 
-    def __init__(self, admit: Admit, incoming: Path, suffix: str = ".dcm") -> None:
+    def __init__(self, admit: Admit, incoming: Path, suffix: str = ".dcm", drop_limit: int | None = None) -> None:
         self._admit = admit
+        self._drop_limit = drop_limit
+        self.dropped = 0
         self.owner = threading.current_thread()  # pynetdicom's DUL thread of the association
         self.written = 0
         self.refused: Refused | None = admit(0, 0)
@@ -85,12 +93,19 @@ class AdmittedStream:
 
     def write(self, data: bytes) -> int:
         """Write a fragment if admitted; otherwise drop it (the whole fragment counts as consumed)."""
-        if self.refused is None:
-            refused = self._admit(self.written, len(data))
-            if refused is None:
-                refused = self._write(data)
-            if refused is not None:
-                self._refuse(refused)
+        if self.refused is not None:
+            # Dropped so that the C-STORE can be answered 0xA700 on a usable association;
+            # past drop_limit more bytes, the association is aborted instead.
+            self.dropped += len(data)
+            if self._drop_limit is not None and self.dropped > self._drop_limit:
+                self._drop_limit = None  # once
+                abort_association(AbortReason.DATA_SET_TOO_LARGE, f"refused data set went on past {self.dropped} bytes")
+            return len(data)
+        refused = self._admit(self.written, len(data))
+        if refused is None:
+            refused = self._write(data)
+        if refused is not None:
+            self._refuse(refused)
         return len(data)
 
     def _write(self, data: bytes) -> Refused | None:
@@ -146,9 +161,10 @@ class StreamAdmission:
     installs it (:meth:`install`) and restores what it found (:meth:`uninstall`).
     """
 
-    def __init__(self, admit: Admit, incoming: Path) -> None:
+    def __init__(self, admit: Admit, incoming: Path, drop_limit: int | None = None) -> None:
         self._admit = admit
         self._incoming = incoming
+        self._drop_limit = drop_limit
         self._open: dict[str, AdmittedStream] = {}
         self._lock = threading.Lock()
         self._saved: Any = None
@@ -164,7 +180,7 @@ class StreamAdmission:
 
     def _new_stream(self, *, suffix: str = ".dcm", **_ignored: Any) -> AdmittedStream:
         """The stand-in for ``NamedTemporaryFile(delete=False, mode="wb", suffix=...)``."""
-        stream = AdmittedStream(self._admit, self._incoming, suffix)
+        stream = AdmittedStream(self._admit, self._incoming, suffix, self._drop_limit)
         with self._lock:
             self._open[stream.name] = stream
         return stream

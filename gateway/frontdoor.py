@@ -307,10 +307,11 @@ class _BoundedSocket(AssociationSocket):
         #: idle timer and a stalled read expire together) is not counted again.
         self._aborted = threading.Lock()
         self._wakeup = wakeup
+        self._ended = False
 
     @property
     def ready(self) -> bool:
-        if self._replay:
+        if self._replay or self._ended:
             return True
         if self.socket is None or not self._is_connected:
             return False
@@ -326,6 +327,9 @@ class _BoundedSocket(AssociationSocket):
         self._wakeup.close()
 
     def recv(self, nr_bytes: int) -> bytearray:
+        _reading.socket = self  # the DUL thread reads only this association's socket
+        if self._ended:
+            return bytearray()  # after our A-ABORT: the DUL sees a closed connection and ends
         header = self._header_next and nr_bytes == 6
         replayed = bool(self._replay)
         data = self._read(nr_bytes)
@@ -379,6 +383,7 @@ class _BoundedSocket(AssociationSocket):
         """Count, log, send the A-ABORT and close our side; pynetdicom sees the short read and ends."""
         if not self.count_abort(abort, detail):
             return
+        self._ended = True
         try:
             assert self.socket is not None
             self.socket.sendall(abort_pdu(abort))
@@ -386,6 +391,23 @@ class _BoundedSocket(AssociationSocket):
             self.socket.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+
+
+#: The association socket the current thread reads: each pynetdicom DUL thread serves one.
+_reading = threading.local()
+
+
+def abort_association(abort: Abort, detail: str) -> bool:
+    """Abort the association whose PDUs this thread is decoding (A-ABORT, counted, logged); False outside one.
+
+    For code that pynetdicom calls while it decodes a PDU (the data set stream
+    of :mod:`gateway._admission`): the next read of the association ends it.
+    """
+    sock: _BoundedSocket | None = getattr(_reading, "socket", None)
+    if sock is None:
+        return False
+    sock._abort(abort, detail)
+    return True
 
 
 class _HandoffHandler(RequestHandler):

@@ -133,7 +133,7 @@ class StorageSCP:
             ingest = Ingest(settings, data, index, metrics, quiet_seconds, hint_quiet_seconds, reprocess_late)
         self.ingest = ingest
         # Size and free-space limits kept while each data set streams in (gateway._admission).
-        self._admission = StreamAdmission(ingest.admit, data.incoming)
+        self._admission = StreamAdmission(ingest.admit, data.incoming, drop_limit=settings.max_instance_bytes)
         self._assocs: dict[int, _AssocState] = {}
         self._assoc_lock = threading.Lock()
         self._server: FrontDoor | None = None

@@ -105,6 +105,9 @@ class AbortReason:
     #: An established association sent no PDU, or not all of one, within ``idle_timeout_seconds``
     #: (reason 0, reason-not-specified: PS3.8 has no idle timer, so no reason names it).
     IDLE_TIMEOUT = Abort(0x02, 0x00, "idle_timeout")
+    #: A data set refused while it streamed (size, space) went on past ``max_instance_bytes``
+    #: more: reading it to its end to answer 0xA700 would cost the network unbounded.
+    DATA_SET_TOO_LARGE = Abort(0x02, 0x00, "data_set_too_large")
 
     ALL = (
         UNRECOGNISED_PDU,
@@ -115,4 +118,5 @@ class AbortReason:
         ARTIM_EXPIRED,
         TLS_HANDSHAKE_FAILED,
         IDLE_TIMEOUT,
+        DATA_SET_TOO_LARGE,
     )

@@ -156,7 +156,7 @@ def test_an_instance_over_max_instance_bytes_is_cut_off_while_it_streams(
     gw = make_gateway(gateway={"max_instance_bytes": 2 * MiB, "data_dir": str(small_fs / "data")})
     gw.data_dir = small_fs / "data"
     before = free(small_fs)
-    big = big_instance(tmp_path, 10)
+    big = big_instance(tmp_path, 3)  # over the limit by less than the limit: read on, answered
     status, lowest = lowest_free_while(small_fs, lambda: _send_raw(gw.port, big))
     assert status == StorageStatus.OUT_OF_RESOURCES
     assert before - lowest < 3 * MiB  # never more than the limit (and a page or two) on disk
@@ -285,3 +285,20 @@ def test_free_space_is_measured_rarely_far_from_the_watermark_and_often_near_it(
     assert refused_at is not None and 4 * MiB <= refused_at < 4 * MiB + chunk, "writing stopped at the watermark"
     # 6,000 fragments, a few dozen measurements: halving the headroom each time.
     assert 5 <= len(measured) <= 40, len(measured)
+
+
+def test_a_refused_data_set_that_goes_on_and_on_is_aborted(
+    tmp_path: Path, make_gateway: Callable[..., GatewayProcess]
+) -> None:
+    gw = make_gateway(gateway={"max_instance_bytes": 2 * MiB})
+    big = big_instance(tmp_path, 10)  # refused at 2 MiB; 2 MiB more are dropped, then the association ends
+    t0 = time.monotonic()
+    status = _send_raw(gw.port, big)
+    assert status == -1, f"answered {status:#06x} after reading 10 MiB"
+    assert time.monotonic() - t0 < 30
+    m = gw.metrics()
+    assert m['aigw_associations_rejected_total{reason="data_set_too_large"}'] == 1
+    assert m['aigw_instances_received_total{outcome="stored",transport="dimse"}'] == 0
+    wait_for(lambda: list((gw.data_dir / "incoming").iterdir()) == [], 5, "no partial file")
+    (small,) = mr_series(tmp_path / "small", n=1, seed=96)
+    assert storescu(gw.port, [small]).returncode == 0

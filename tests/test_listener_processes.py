@@ -97,7 +97,8 @@ def test_a_killed_listener_process_loses_nothing_acknowledged_and_comes_back(
     assert ok, "every sender failed: the gateway's own listener should have carried on"
     _stored_exactly(gw, [f for g in ok for f in g])
     # The gateway starts it again, and every group sent again is stored in full.
-    wait_for(lambda: len(_children(gw.proc.pid)) == 1 and _children(gw.proc.pid) != [child], 30, "a new listener")
+    pid = gw.proc.pid
+    wait_for(lambda: len(_children(pid)) == 1 and _children(pid) != [child], 30, "a new listener")
     assert "listener process 1 (pid" in gw.log() and "starting it again" in gw.log()
     retry = [g for g, code in zip(groups, codes) if code != 0]
     assert _send_all(gw.port, retry or groups[:1]) == [0] * len(retry or groups[:1])
