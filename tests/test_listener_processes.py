@@ -7,14 +7,17 @@ a subprocess, kill -9 of a listener process and of the gateway itself.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import os
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import sqlalchemy as sa
 from pydicom import dcmread
 
+from gateway.index import conflicts_t
 from tests.conftest import GatewayProcess, mr_series, storescu, wait_for
 
 MakeGateway = Callable[..., GatewayProcess]
@@ -120,3 +123,31 @@ def test_listener_processes_end_with_the_gateway_and_a_restart_brings_them_back(
     files = mr_series(tmp_path / "s", n=3, seed=340)
     assert storescu(gw.port, files).returncode == 0
     _stored_exactly(gw, files)
+
+
+def test_one_uid_from_eight_senders_in_two_processes_is_stored_once_and_never_overwritten(
+    tmp_path: Path, make_gateway: MakeGateway
+) -> None:
+    """Duplicates and conflicts across processes: the per-UID lock spans the listener processes."""
+    gw = make_gateway(gateway={"listener_processes": 2})
+    first = mr_series(tmp_path / "a", n=4, seed=360)
+    other = mr_series(tmp_path / "b", n=4, seed=360)  # the same UIDs ...
+    for f in other:  # ... with other pixels: a conflict
+        ds = dcmread(f)
+        ds.PixelData = bytes(255 - b for b in ds.PixelData)
+        ds.save_as(f, enforce_file_format=True)
+    assert _send_all(gw.port, [first, other] * 4) == [0] * 8
+    index = gw.index()
+    try:
+        with index._ro() as conn:
+            conflicts = conn.execute(sa.select(conflicts_t.c.sop_instance_uid)).scalars().all()
+        for a, b in zip(first, other):
+            uid = str(dcmread(a, stop_before_pixels=True).SOPInstanceUID)
+            row = index.find_instance(uid)
+            assert row is not None
+            stored = Path(row.path).read_bytes()
+            assert hashlib.sha256(stored).hexdigest() == row.sha256, "the stored file is not the one indexed"
+            assert dcmread(row.path).PixelData in (dcmread(a).PixelData, dcmread(b).PixelData)
+            assert conflicts.count(uid) == 4, "each copy of the other version is kept aside once"
+    finally:
+        index.close()
