@@ -275,7 +275,7 @@ def test_free_space_is_measured_rarely_far_from_the_watermark_and_often_near_it(
     space = _FreeSpace(measure, watermark=4 * MiB)
     chunk = 16 * 1024
     refused_at = None
-    for i in range(100 * MiB // chunk):
+    for _ in range(100 * MiB // chunk):
         free = space.free(chunk)
         assert free <= disk["free"], "the estimate never says more than is free"
         if free - chunk < 4 * MiB:
