@@ -35,6 +35,7 @@ This is the only change below pynetdicom's public API; it is tested in
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import tempfile
@@ -77,6 +78,8 @@ class AdmittedStream:
         self.dropped = 0
         self.owner = threading.current_thread()  # pynetdicom's DUL thread of the association
         self.written = 0
+        # One pass over the bytes: hashed as they are written, not read back for it.
+        self._sha256 = hashlib.sha256()
         self.refused: Refused | None = admit(0, 0)
         self._fd: int | None = None
         if self.refused is None:
@@ -108,8 +111,14 @@ class AdmittedStream:
             self._refuse(refused)
         return len(data)
 
+    @property
+    def sha256(self) -> str | None:
+        """SHA-256 (hex) of everything written, when the whole data set was."""
+        return None if self.refused is not None else self._sha256.hexdigest()
+
     def _write(self, data: bytes) -> Refused | None:
         assert self._fd is not None
+        self._sha256.update(data)
         view = memoryview(data)
         try:
             while view:
@@ -185,11 +194,10 @@ class StreamAdmission:
             self._open[stream.name] = stream
         return stream
 
-    def take(self, path: Path | str) -> Refused | None:
-        """Hand a complete data set's file over to its handler; the refusal made while it streamed, if any."""
+    def take(self, path: Path | str) -> AdmittedStream | None:
+        """Hand a complete data set's file over to its handler: its stream (refusal, hash), None if unknown."""
         with self._lock:
-            stream = self._open.pop(str(path), None)
-        return stream.refused if stream is not None else None
+            return self._open.pop(str(path), None)
 
     def discard(self, assoc: Any) -> int:
         """Remove the files of data sets still streaming on an association that ended; how many."""

@@ -136,6 +136,9 @@ class Received:
         (from :meth:`Ingest.admit`: too large, out of space); ``path`` may
         then be partial or absent. :meth:`Ingest.receive` returns it as it
         is, removes what is left of the file and counts it like any other.
+    sha256 : str or None
+        The file's SHA-256 (hex), if the transport computed it while the bytes
+        arrived; else ingest reads the file once more to compute it.
     """
 
     path: Path
@@ -144,6 +147,7 @@ class Received:
     transfer_syntax: str | None = None
     study_instance_uid: str | None = None
     refused: Refused | None = None
+    sha256: str | None = None
 
 
 class RefusalReason(str, Enum):
@@ -559,7 +563,7 @@ class Ingest:
             raise _Refusal(
                 RefusalReason.DATASET_MISMATCH, "StudyInstanceUID in the data set differs from the declared study"
             )
-        return self._store(tmp, ds, source, study_uid, series_uid, sop_uid, sop_class, ts, size)
+        return self._store(tmp, ds, source, study_uid, series_uid, sop_uid, sop_class, ts, size, received.sha256)
 
     @staticmethod
     def _check_sop_class(sop_class: str) -> None:
@@ -579,8 +583,9 @@ class Ingest:
         sop_class: str,
         ts: str,
         size: int,
+        digest: str | None,
     ) -> Stored:
-        """Hash, fsync, rename and index a checked instance; then the completion hints."""
+        """Hash (unless the transport did), fsync, rename and index a checked instance; then the completion hints."""
         headers = routing_headers(ds)
         now = time.time()
 
@@ -588,7 +593,7 @@ class Ingest:
             return Stored(outcome, sop_uid, sop_class, series_uid, study_uid, ts, path, size, digest)
 
         with self._locks(sop_uid):
-            digest = sha256_file(tmp)
+            digest = digest or sha256_file(tmp)
             existing = self.index.find_instance(sop_uid)
             if existing is not None and existing.sha256 == digest:
                 # Idempotent: the same bytes again (a sender retry) are stored once.

@@ -320,12 +320,15 @@ class StorageSCP:
         try:
             tmp = Path(event.dataset_path)
             req: Any = event.request  # a C-STORE request primitive
+            stream = self._admission.take(tmp)
             received = Received(
                 path=tmp,
                 sop_class_uid=req.AffectedSOPClassUID,
                 sop_instance_uid=req.AffectedSOPInstanceUID,
                 transfer_syntax=event.context.transfer_syntax,
-                refused=self._admission.take(tmp),  # a limit crossed while it streamed: 0xA700
+                # A limit crossed while it streamed (0xA700), and its hash, taken on the way in.
+                refused=None if stream is None else stream.refused,
+                sha256=None if stream is None else stream.sha256,
             )
             requestor = event.assoc.requestor
             source = Source(Transport.DIMSE, (requestor.ae_title or "").strip(), str(requestor.address))
