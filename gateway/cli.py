@@ -124,7 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     jsub = p.add_subparsers(dest="action", required=True)
     j = jsub.add_parser("list", help="list recent jobs")
     _add_config(j)
-    j.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "sent"])
+    from gateway.index.schema import JobState  # the index's states, so a new one is never missing here
+
+    j.add_argument("--state", choices=[s.value for s in JobState])
     j.add_argument("--limit", type=int, default=50)
     j.add_argument("--json", action="store_true")
     j = jsub.add_parser("retry", help="queue a job again")

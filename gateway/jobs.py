@@ -3,8 +3,13 @@
 State machine (``jobs.state`` in the index)::
 
     queued --claim--> running --outputs stored--> succeeded --all sent--> sent
-       ^                 |
-       +--retry/backoff--+--permanent error or attempts exhausted--> failed
+     |  ^                |
+     |  +-retry/backoff--+--permanent error or attempts exhausted--> failed
+     +--a later version of the series queued before it ran--> superseded
+
+The versions of one series and route run in order: a job waits while an
+earlier version runs, and one that a later version overtook never runs
+(``gateway.index.jobs``), so each series ends with one current result.
 
 A claim takes a lease that the worker renews while the job runs; a job whose
 lease ran out (its process died) is queued again. Output UIDs derive from the

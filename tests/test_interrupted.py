@@ -15,7 +15,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import KeyObjectSelectionDocumentStorage
 from pynetdicom import AE
 
-from gateway.index import Index, InstanceRecord, OutputRow, SeriesState
+from gateway.index import Index, InstanceRecord, JobRow, OutputRow, SeriesState
 from gateway.supersede import mark_superseding
 from tests.conftest import GatewayProcess, mr_series, storescu, wait_for
 from tests.validators import assert_valid
@@ -200,3 +200,47 @@ def test_a_superseding_report_lists_the_earlier_reports_as_predecessors() -> Non
     (series,) = study.ReferencedSeriesSequence
     assert (study.StudyInstanceUID, series.SeriesInstanceUID) == ("1.9", "1.9.10")
     assert [r.ReferencedSOPInstanceUID for r in series.ReferencedSOPSequence] == ["1.9.1"]
+
+
+def _jobs(gw: GatewayProcess) -> list[JobRow]:
+    index = gw.index()
+    try:
+        return sorted(index.list_jobs(), key=lambda j: j.id)
+    finally:
+        index.close()
+
+
+def test_a_job_overtaken_by_a_later_version_never_runs_after_a_crash(
+    tmp_path: Path, make_gateway: Callable[..., GatewayProcess]
+) -> None:
+    """v1 runs, late instances queue v2, kill -9: v1 must not run again after v2 (its result would go out unmarked)."""
+    gw = make_gateway(extra_toml="[pipelines.test-invert]\nsleep_seconds = 4\n", series_timeout=1, release_quiet=0.2)
+    files = mr_series(tmp_path / "in", n=4, seed=86)
+    assert storescu(gw.port, files[:2]).returncode == 0
+    wait_for(lambda: any(j.state == "running" for j in _jobs(gw)), 30, "the v1 job to run")
+    assert storescu(gw.port, files[2:]).returncode == 0
+    wait_for(lambda: any(j.series_version == 2 for j in _jobs(gw)), 30, "the v2 job")
+    gw.kill9()
+    gw.start()
+    wait_for(lambda: [j.state for j in _jobs(gw)] == ["superseded", "sent"], 60, "v1 superseded, v2 done")
+    results = _outputs(gw)
+    assert list(results) == [_jobs(gw)[1].id] and len(results[_jobs(gw)[1].id]) == 4, "one result, of v2"
+
+
+def test_a_later_version_waits_for_the_earlier_one_and_says_it_supersedes_it(
+    tmp_path: Path, make_gateway: Callable[..., GatewayProcess]
+) -> None:
+    """Two workers: v2 is queued while v1 runs; it must not run beside it, or it could not mark v1 superseded."""
+    gw = make_gateway(
+        extra_toml="[pipelines.test-invert]\nsleep_seconds = 3\n", series_timeout=1, release_quiet=0.2, jobs={"workers": 2}
+    )
+    files = mr_series(tmp_path / "in", n=4, seed=87)
+    assert storescu(gw.port, files[:2]).returncode == 0
+    wait_for(lambda: any(j.state == "running" for j in _jobs(gw)), 30, "the v1 job to run")
+    assert storescu(gw.port, files[2:]).returncode == 0
+    wait_for(lambda: len(_jobs(gw)) == 2 and all(j.state == "sent" for j in _jobs(gw)), 60, "both jobs")
+    v1, v2 = _jobs(gw)
+    assert v2.started_at is not None and v1.finished_at is not None and v2.started_at >= v1.finished_at
+    first, second = (_outputs(gw)[j.id] for j in (v1, v2))
+    assert all(d.SeriesDescription.endswith("(supersedes v1)") for d in second)
+    assert not any("supersedes" in d.SeriesDescription for d in first)

@@ -9,6 +9,7 @@ sends in the same transaction (:func:`gateway.index.sends.queue_sends`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ import sqlalchemy as sa
 
 from gateway.index.schema import IndexBase, JobState, from_row, jobs_t, outputs_t
 from gateway.index.sends import queue_sends
+
+log = logging.getLogger(__name__)
 
 __all__ = ["JobRow", "JobTable", "OutputRow", "RunnableJob"]
 
@@ -63,6 +66,26 @@ class RunnableJob:
     next_attempt_at: float
 
 
+def _version_exists(relation: str, state: JobState | None = None) -> sa.Exists:
+    """Whether a job of the same series and route, on a later (``>``) or earlier (``<``) version, exists.
+
+    The versions of one series run in order, each at most once: a queued job
+    that a later version has overtaken never runs (its result would go out
+    after the newer one, unmarked: a kill -9 requeues a running job behind a
+    newer queued one), and a job waits while an earlier version runs, so that
+    it can say it supersedes that result (:mod:`gateway.supersede`).
+    """
+    other = jobs_t.alias("other")
+    if relation == ">":
+        version = other.c.series_version > jobs_t.c.series_version
+    else:
+        version = other.c.series_version < jobs_t.c.series_version
+    cond = (other.c.series_uid == jobs_t.c.series_uid) & (other.c.route == jobs_t.c.route) & version
+    if state is not None:
+        cond = cond & (other.c.state == state.value)
+    return sa.exists().where(cond)
+
+
 def _owned_running(job_id: int, owner: str) -> sa.Update:
     """An UPDATE of a running job that only its current owner can make.
 
@@ -87,10 +110,19 @@ class JobTable(IndexBase):
         elsewhere, waiting for its retry time, or locked by another claim.
         """
         with self._tx() as conn:
+            superseded = conn.execute(
+                jobs_t.update()
+                .where(jobs_t.c.state == JobState.QUEUED.value)
+                .where(_version_exists(">"))
+                .values(state=JobState.SUPERSEDED.value, finished_at=now, error="a later series version came first")
+            ).rowcount
+            if superseded:
+                log.info("%d queued job(s) superseded by a later version of their series before they ran", superseded)
             q = (
                 sa.select(jobs_t.c.id)
                 .where(jobs_t.c.state == JobState.QUEUED.value)
                 .where(jobs_t.c.next_attempt_at <= now)
+                .where(~_version_exists("<", JobState.RUNNING))
                 .order_by(jobs_t.c.next_attempt_at, jobs_t.c.id)
                 .limit(1)
             )
@@ -116,12 +148,14 @@ class JobTable(IndexBase):
         return None if claimed is None else from_row(JobRow, claimed)
 
     def runnable_jobs(self, now: float, limit: int = 1000) -> list[RunnableJob]:
-        """Queued jobs that are due now, oldest first (what a distributed executor announces)."""
+        """Queued jobs that are due now and claimable, oldest first (what a distributed executor announces)."""
         with self._ro() as conn:
             rows = conn.execute(
                 sa.select(jobs_t.c.id, jobs_t.c.pipeline, jobs_t.c.attempts, jobs_t.c.next_attempt_at)
                 .where(jobs_t.c.state == JobState.QUEUED.value)
                 .where(jobs_t.c.next_attempt_at <= now)
+                .where(~_version_exists(">"))
+                .where(~_version_exists("<", JobState.RUNNING))
                 .order_by(jobs_t.c.next_attempt_at, jobs_t.c.id)
                 .limit(limit)
             )

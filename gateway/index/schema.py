@@ -55,6 +55,7 @@ class JobState(str, Enum):
     SUCCEEDED = "succeeded"  # outputs written, sends pending
     FAILED = "failed"  # gave up: permanent error or retries exhausted
     SENT = "sent"  # every output delivered
+    SUPERSEDED = "superseded"  # a later version of its series came before it ran: it never will
 
 
 class SendState(str, Enum):
