@@ -232,7 +232,10 @@ def test_a_later_version_waits_for_the_earlier_one_and_says_it_supersedes_it(
 ) -> None:
     """Two workers: v2 is queued while v1 runs; it must not run beside it, or it could not mark v1 superseded."""
     gw = make_gateway(
-        extra_toml="[pipelines.test-invert]\nsleep_seconds = 3\n", series_timeout=1, release_quiet=0.2, jobs={"workers": 2}
+        extra_toml="[pipelines.test-invert]\nsleep_seconds = 3\n",
+        series_timeout=1,
+        release_quiet=0.2,
+        jobs={"workers": 2},
     )
     files = mr_series(tmp_path / "in", n=4, seed=87)
     assert storescu(gw.port, files[:2]).returncode == 0
