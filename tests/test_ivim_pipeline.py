@@ -47,7 +47,9 @@ def context() -> RunContext:
 
 def test_options_default_to_the_documented_values() -> None:
     options = IvimPipeline().options
-    assert options == IvimOptions(method="net", derived_series=True, mask_fraction=0.08, min_bvalues=4)
+    assert options == IvimOptions(
+        method="net", derived_series=True, uncertainty=True, mask_fraction=0.08, min_bvalues=4
+    )
     assert IvimOptions.model_validate({"method": "lsq-full"}).method == "lsq-full"
 
 
@@ -60,6 +62,7 @@ def test_options_default_to_the_documented_values() -> None:
         {"min_bvalues": 3},
         {"min_bvalues": "many"},
         {"derived_series": "sometimes"},
+        {"uncertainty": "maybe"},
     ],
 )
 def test_bad_option_values_are_refused(table: dict[str, object]) -> None:
@@ -97,6 +100,23 @@ def test_derived_series_and_mask_fraction_options_change_what_run_sends(tmp_path
     assert 0 < fitted(strict.run(series, context())) < fitted(maps_only)
 
 
+def test_uncertainty_option_adds_standard_deviation_maps_for_the_net(tmp_path: Path) -> None:
+    series = as_series(make_dwi_study(tmp_path, seed=7, size=24, slices=2).paths)
+
+    def labels(out: list[Dataset]) -> list[str]:
+        return sorted(str(ds.SeriesDescription).split()[1] for ds in out)
+
+    with_sd = IvimPipeline(IvimOptions(method="net")).run(series, context())
+    without = IvimPipeline(IvimOptions(method="net", uncertainty=False)).run(series, context())
+    # Seven maps (four parameters, three standard deviations), each as a PM and a derived MR series.
+    assert len(with_sd) == 7 + 7 * 2 and len(without) == 4 + 4 * 2
+    assert labels([ds for ds in with_sd if ds.SOPClassUID == PM_SOP_CLASS]) == SD_LABELS
+    assert {str(ds.SeriesDescription).split()[1] for ds in without} == {"D", "DSTAR", "F", "S0"}
+    # The least-squares fits give no standard deviation: the option changes nothing there.
+    lsq = IvimPipeline(IvimOptions(method="lsq-segmented", derived_series=False)).run(series, context())
+    assert labels(lsq) == ["D", "DSTAR", "F", "S0"]
+
+
 @pytest.mark.parametrize("vendor", ["standard", "siemens", "ge", "philips"])
 def test_bvalues_found_wherever_the_vendor_writes_them(tmp_path: Path, vendor: str) -> None:
     study = make_dwi_study(tmp_path, seed=2, size=32, slices=2, vendor=vendor)
@@ -132,6 +152,8 @@ def test_enhanced_and_classic_give_the_same_volume(tmp_path: Path) -> None:
 
 
 PM_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.30"
+#: LUT labels of the network's maps: four parameters and three standard deviations.
+SD_LABELS = ["D", "DSTAR", "DSTAR_SD", "D_SD", "F", "F_SD", "S0"]
 
 
 def displayed(stored: np.ndarray, centre: float, width: float) -> np.ndarray:
@@ -188,7 +210,7 @@ def _slice_of(study: Any, z: float) -> int:
 def test_every_parameter_map_is_readable_through_its_own_window(maps_study: tuple[Any, list[Dataset]]) -> None:
     study, out = maps_study
     frames = pm_frames(out)
-    assert {label for label, *_ in frames} == {"D", "DSTAR", "F", "S0"}
+    assert sorted({label for label, *_ in frames}) == SD_LABELS
     for label, z, frame, centre, width in frames:
         tissue = (study.labels[_slice_of(study, z)] > 0) & (frame > 0)
         assert_readable(displayed(frame, centre, width), tissue, f"Parametric Map {label} at z={z:g}")
@@ -217,7 +239,7 @@ def test_derived_mr_images_have_no_modality_lut_and_read_from_stored_values(
     study, out = maps_study
     real = {(label, round(z, 2)): frame for label, z, frame, *_ in pm_frames(out)}
     derived = [ds for ds in out if ds.SOPClassUID != PM_SOP_CLASS]
-    assert len(derived) == 4 * 3  # one MR series per parameter, one image per slice
+    assert len(derived) == 7 * 3  # one MR series per map, one image per slice
     for ds in derived:
         label, z = ds.ImageType[3], float(ds.ImagePositionPatient[2])
         # The MR Image IOD (PS3.3 A.4) has no Modality LUT.
@@ -234,9 +256,18 @@ def test_derived_mr_images_have_no_modality_lut_and_read_from_stored_values(
         # A fixed scale, named in the description and stated as a Real World Value Mapping.
         rwvm = ds.RealWorldValueMappingSequence[0]
         slope = float(rwvm.RealWorldValueSlope)
-        scale, unit = {"D": (1e-6, "1e-6 mm2/s"), "DSTAR": (1e-5, "1e-5 mm2/s"), "F": (1e-4, "1e-4")}[label]
+        # A standard deviation is stored in its parameter's scale.
+        scale, unit = {"D": (1e-6, "1e-6 mm2/s"), "DSTAR": (1e-5, "1e-5 mm2/s"), "F": (1e-4, "1e-4")}[
+            label.removesuffix("_SD")
+        ]
         assert slope == scale and float(rwvm.RealWorldValueIntercept) == 0
         assert f"[{unit}]" in ds.SeriesDescription
+        derivations = [
+            str(it.ConceptCodeSequence[0].CodeValue)
+            for it in rwvm.QuantityDefinitionSequence
+            if it.ConceptNameCodeSequence[0].CodeValue == "121401"
+        ]
+        assert derivations == (["386136009"] if label.endswith("_SD") else []), label
         assert np.abs(ds.pixel_array * slope - truth).max() <= 0.51 * slope  # rounding, float32 maps
 
 
@@ -282,8 +313,9 @@ def test_maps_are_accurate_valid_and_reference_their_sources(tmp_path: Path, met
     series = as_series(study.paths)
     out = IvimPipeline(IvimOptions(method=method)).run(series, context())
     pms = [ds for ds in out if ds.SOPClassUID == PM_SOP_CLASS]
-    assert len(pms) == 4, "one Parametric Map per parameter"
-    assert len({ds.SeriesInstanceUID for ds in out}) == 8
+    maps = 7 if method == "net" else 4  # the net adds the standard deviations of D, D*, f
+    assert len(pms) == maps, "one Parametric Map per parameter and standard deviation"
+    assert len({ds.SeriesInstanceUID for ds in out}) == 2 * maps
     source_uids = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in study.paths}
     by_label: dict[str, hd.pm.ParametricMap] = {}
     for i, pm in enumerate(pms):
@@ -296,16 +328,16 @@ def test_maps_are_accurate_valid_and_reference_their_sources(tmp_path: Path, met
         assert refs <= source_uids and refs
         by_label[back.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0].LUTLabel] = back
         _dciodvfy_clean(path)
-    assert set(by_label) == {"D", "DSTAR", "F", "S0"}
-    codes = {
-        pm.SharedFunctionalGroupsSequence[0]
-        .RealWorldValueMappingSequence[0]
-        .QuantityDefinitionSequence[0]
-        .ConceptCodeSequence[0]
-        .CodeValue
-        for pm in by_label.values()
-    }
-    assert {"113291", "113292", "113293"} <= codes
+    assert sorted(by_label) == (SD_LABELS if method == "net" else ["D", "DSTAR", "F", "S0"])
+    quantities = {label: _quantity(pm) for label, pm in by_label.items()}
+    assert quantities["D"] == ("113291", None, "mm2/s")
+    assert quantities["DSTAR"] == ("113292", None, "mm2/s")
+    assert quantities["F"] == ("113293", None, "1")
+    if method == "net":
+        # Same quantity and unit, modified by Derivation = Standard Deviation (SCT 386136009).
+        assert quantities["D_SD"] == ("113291", "386136009", "mm2/s")
+        assert quantities["DSTAR_SD"] == ("113292", "386136009", "mm2/s")
+        assert quantities["F_SD"] == ("113293", "386136009", "1")
 
     # Accuracy in the liver (large homogeneous organ) against the phantom truth.
     liver = study.labels == list(TISSUES).index("liver")
@@ -318,6 +350,32 @@ def test_maps_are_accurate_valid_and_reference_their_sources(tmp_path: Path, met
     mr = tmp_path / "mr.dcm"
     next(ds for ds in out if ds.SOPClassUID != PM_SOP_CLASS).save_as(mr, enforce_file_format=True)
     _dciodvfy_clean(mr)
+
+
+def _quantity(pm: Dataset) -> tuple[str, str | None, str]:
+    """(quantity code, derivation code or None, UCUM unit) of a map's Real World Value Mapping."""
+    rwvm = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    items = {str(it.ConceptNameCodeSequence[0].CodeValue): it for it in rwvm.QuantityDefinitionSequence}
+    quantity = str(items["246205007"].ConceptCodeSequence[0].CodeValue)  # SCT Quantity
+    derivation = items.get("121401")  # DCM Derivation
+    code = str(derivation.ConceptCodeSequence[0].CodeValue) if derivation is not None else None
+    return quantity, code, str(rwvm.MeasurementUnitsCodeSequence[0].CodeValue)
+
+
+def test_standard_deviation_maps_are_plausible_in_the_liver(maps_study: tuple[Any, list[Dataset]]) -> None:
+    study, out = maps_study
+    liver = study.labels == list(TISSUES).index("liver")
+    vol: dict[str, np.ndarray] = {}
+    for label, z, frame, *_ in pm_frames(out):
+        vol.setdefault(label, np.zeros(liver.shape, np.float32))[_slice_of(study, z)] = frame
+    d_true, f_true, dstar_true = TISSUES["liver"][:3]
+    for label, truth in (("D", d_true), ("F", f_true), ("DSTAR", dstar_true)):
+        sd = vol[f"{label}_SD"][liver]
+        assert np.all(sd > 0), label
+        # An uncertainty, not a copy of the estimate: smaller than the value, larger than float noise.
+        assert 1e-3 * truth < np.median(sd) < truth, (label, float(np.median(sd)), truth)
+    # At SNR 60 on eleven b-values D is known far better than D* (relative to its value).
+    assert np.median(vol["D_SD"][liver]) / d_true < np.median(vol["DSTAR_SD"][liver]) / dstar_true
 
 
 def _dciodvfy_clean(path: Path) -> None:
@@ -333,11 +391,14 @@ def test_end_to_end_maps_arrive_in_orthanc(
     gw = make_gateway(destinations=[f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"], models=REPO / "exported_models")
     study = make_dwi_study(tmp_path / "in", seed=8, size=48, slices=2)
     assert storescu(gw.port, study.paths).returncode == 0
+    # Seven Parametric Maps (D, D*, f, S0 and the standard deviations of D, D*, f)
+    # and seven derived MR series of two slices.
     uids = wait_for(
-        lambda: len(orthanc.instance_uids()) >= 4 + 4 * 2 and orthanc.instance_uids(), 120, "IVIM results in Orthanc"
+        lambda: len(orthanc.instance_uids()) >= 7 + 7 * 2 and orthanc.instance_uids(), 120, "IVIM results in Orthanc"
     )
-    assert len(uids) == 12
-    modalities = sorted(
-        orthanc.get(f"/series/{s}")["MainDicomTags"].get("Modality", "") for s in orthanc.get("/series")
-    )
-    assert modalities.count("MR") == 4 and len(modalities) == 8
+    assert len(uids) == 21
+    series = [orthanc.get(f"/series/{s}")["MainDicomTags"] for s in orthanc.get("/series")]
+    modalities = sorted(tags.get("Modality", "") for tags in series)
+    assert modalities.count("MR") == 7 and len(modalities) == 14
+    described = {str(tags.get("SeriesDescription", "")).split()[1] for tags in series}
+    assert {"D_SD", "DSTAR_SD", "F_SD"} <= described

@@ -95,7 +95,7 @@ def _by_kind(shown: dict[str, Shown], sop_class: str) -> dict[str, Shown]:
 
 def test_each_ivim_parametric_map_shows_its_parameter_with_structure(ivim_shown: dict[str, Shown]) -> None:
     maps = _by_kind(ivim_shown, PM_STORAGE)
-    assert sorted(d.split()[1] for d in maps) == ["D", "DSTAR", "F", "S0"]
+    assert sorted(d.split()[1] for d in maps) == ["D", "DSTAR", "DSTAR_SD", "D_SD", "F", "F_SD", "S0"]
     for description, s in maps.items():
         # Each parameter frame: a spread of grey levels through its own window.
         assert not s.shot.stats.problems(), (description, s.shot.stats, s.shot.notes)
@@ -104,7 +104,7 @@ def test_each_ivim_parametric_map_shows_its_parameter_with_structure(ivim_shown:
 
 def test_each_derived_ivim_series_renders_in_ohif(ivim_shown: dict[str, Shown]) -> None:
     derived = {d: s for d, s in ivim_shown.items() if s.head.SOPClassUID != PM_STORAGE}
-    assert sorted(d.split()[1] for d in derived) == ["D", "DSTAR", "F", "S0"]
+    assert sorted(d.split()[1] for d in derived) == ["D", "DSTAR", "DSTAR_SD", "D_SD", "F", "F_SD", "S0"]
     for description, s in derived.items():
         assert s.shot.mode is ViewerMode.VIEWER, (description, s.shot.notes)
         assert not s.shot.stats.problems(), (description, s.shot.stats)

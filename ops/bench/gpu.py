@@ -142,9 +142,10 @@ def make_inputs(manifest: ModelManifest, batch: int | None, rng: np.random.Gener
         s = 1000 * (frac * np.exp(-_IVIM_B * pseudo) + (1 - frac) * np.exp(-_IVIM_B * diff))
         signal = np.zeros((n, width), np.float32)
         signal[:, :k] = s + rng.normal(0, 20, s.shape)
-        bvalues = np.zeros((n, width), np.float32)
+        # The protocol once per call ([1, width], broadcast over the voxels: ivim-net 2.0).
+        bvalues = np.zeros((1, width), np.float32)
         bvalues[:, :k] = _IVIM_B
-        mask = np.zeros((n, width), np.float32)
+        mask = np.zeros((1, width), np.float32)
         mask[:, :k] = 1
         feeds.update(signal=signal, bvalues=bvalues, mask=mask)
     elif manifest.name == "lf2hf-net":

@@ -1,6 +1,6 @@
 """IVIM diffusion pipeline: D, D*, f and S0 maps from multi-b-value diffusion-weighted MR.
 
-Intravoxel incoherent motion (IVIM) maps are estimated by a set network
+Intravoxel incoherent motion (IVIM) maps are estimated by a network
 trained on simulated signals (run by onnxruntime) or by bounded least
 squares. The package has the shape every pipeline in ``pipelines/`` has:
 

@@ -5,7 +5,8 @@ by the ``method`` option (:data:`~pipelines.ivim.options.IvimMethod`) with
 :func:`select_method`:
 
 ``net``
-    :class:`IvimNetEstimator`, the exported set network run by onnxruntime.
+    :class:`IvimNetEstimator`, the exported network run by onnxruntime; it
+    also gives a standard deviation of D, D* and f per voxel.
 ``lsq-segmented``
     :class:`SegmentedLsqEstimator`, the conventional segmented fit.
 ``lsq-full``
@@ -26,7 +27,6 @@ training protocols within the same limits.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,6 +49,7 @@ __all__ = [
     "LSQ_BOUNDS",
     "MAP_KEYS",
     "MODEL",
+    "SD_KEYS",
     "NET_BATCH",
     "FullLsqEstimator",
     "IvimEstimator",
@@ -70,8 +71,8 @@ MODEL = "ivim-net"
 K_MAX: int = 20
 #: Smallest number of distinct b-values the network is trained for.
 K_MIN: int = 4
-#: Largest b-value (s/mm²) the network is trained for.
-B_MAX: float = 1000.0
+#: Largest b-value (s/mm²) the network is trained for (some body protocols reach 1200).
+B_MAX: float = 1200.0
 #: Bounds of the least-squares fits: D and D* in mm²/s; S0 relative to the
 #: largest signal of the voxel. D* starts where D ends so the two
 #: compartments cannot swap.
@@ -91,7 +92,7 @@ _B_TOL: float = 1e-6
 
 @dataclass
 class IvimParams:
-    """Estimated IVIM parameter maps (flattened voxels).
+    """Estimated IVIM parameter maps (flattened voxels) and, where the estimator gives them, their uncertainty.
 
     Attributes
     ----------
@@ -103,12 +104,19 @@ class IvimParams:
         Perfusion fraction, float32 ``[N]``.
     s0 : numpy.ndarray
         Signal at ``b = 0`` (signal units), float32 ``[N]``.
+    d_sd, dstar_sd, f_sd : numpy.ndarray or None
+        Standard deviation of D, D* and f in their units, float32 ``[N]``:
+        the network's calibrated per-voxel uncertainty (the nominal 90 %
+        interval is the estimate ± 1.645 sd). None for the least-squares fits.
     """
 
     d: np.ndarray
     dstar: np.ndarray
     f: np.ndarray
     s0: np.ndarray
+    d_sd: np.ndarray | None = None
+    dstar_sd: np.ndarray | None = None
+    f_sd: np.ndarray | None = None
 
     @classmethod
     def from_arrays(cls, d: np.ndarray, dstar: np.ndarray, f: np.ndarray, s0: np.ndarray) -> "IvimParams":
@@ -163,48 +171,56 @@ def _check_protocol(bvalues: np.ndarray) -> None:
 
 
 class IvimNetEstimator:
-    """Run the exported IVIM set network.
+    """Run the exported IVIM network: estimates and their standard deviations.
 
     The ONNX graph does its own normalisation (see
-    :mod:`pipelines.ivim.lab.net`); this wrapper merges repeated b-values, checks
-    the protocol, pads to ``K_MAX`` with ``b = 0``, ``signal = 0`` and
-    ``mask = 0``, and runs the voxels in batches of :data:`NET_BATCH`.
-    Voxels with a non-finite signal get NaN parameters.
+    :mod:`pipelines.ivim.lab.net`) and takes the protocol once per call
+    (``bvalues`` and ``mask`` ``[1, 20]``, broadcast over the voxels, so
+    the protocol encoder runs once per batch, not per voxel); this wrapper
+    merges repeated b-values, checks the protocol, pads to ``K_MAX`` with
+    ``b = 0``, ``signal = 0`` and ``mask = 0``, and runs the voxels in
+    batches of :data:`NET_BATCH`. Voxels with a non-finite signal get NaN
+    parameters.
 
     Parameters
     ----------
     session : onnxruntime.InferenceSession
-        Session on ``ivim-net.onnx`` (inputs ``signal``, ``bvalues``,
-        ``mask``, each float32 ``[N, 20]``; output ``params`` float32
-        ``[N, 4]`` = D, D*, f, S0).
+        Session on ``ivim-net.onnx`` (inputs ``signal`` float32 ``[N, 20]``,
+        ``bvalues`` and ``mask`` float32 ``[1, 20]``; outputs ``params``
+        float32 ``[N, 4]`` = D, D*, f, S0 and ``params_sd`` float32
+        ``[N, 3]`` = standard deviations of D, D*, f).
     batch : int
         Voxels per call.
     """
 
     INPUT_NAMES: tuple[str, str, str] = ("signal", "bvalues", "mask")
+    OUTPUT_NAMES: tuple[str, str] = ("params", "params_sd")
 
     def __init__(self, session: "onnxruntime.InferenceSession", batch: int = NET_BATCH) -> None:
         names = {i.name for i in session.get_inputs()}
         if names != set(self.INPUT_NAMES):
             raise ValueError(f"model inputs are {sorted(names)}, expected {list(self.INPUT_NAMES)}")
+        outputs = {o.name for o in session.get_outputs()}
+        if outputs != set(self.OUTPUT_NAMES):
+            raise ValueError(f"model outputs are {sorted(outputs)}, expected {list(self.OUTPUT_NAMES)}")
         self.session = session
         self.batch = batch
 
     def fit(self, signals: np.ndarray, bvalues: np.ndarray) -> IvimParams:
-        """Estimate IVIM parameters.
+        """Estimate IVIM parameters and their standard deviations.
 
         Parameters
         ----------
         signals : numpy.ndarray
             ``[N, K]`` magnitude signals.
         bvalues : numpy.ndarray
-            ``[K]`` b-values (s/mm²), 4 to 20 distinct values in [0, 1000]
-            after repeated values are averaged.
+            ``[K]`` b-values (s/mm²), 4 to 20 distinct values in
+            ``[0, B_MAX]`` after repeated values are averaged.
 
         Returns
         -------
         IvimParams
-            The parameter estimates.
+            The parameter estimates, with ``d_sd``, ``dstar_sd`` and ``f_sd``.
         """
         s, b = merge_repeated_bvalues(signals, bvalues)
         _check_protocol(b)
@@ -215,21 +231,17 @@ class IvimNetEstimator:
         m_pad = np.zeros((1, K_MAX), dtype=np.float32)
         m_pad[0, :k] = 1.0
         out = np.empty((n, 4), dtype=np.float32)
+        sd = np.empty((n, 3), dtype=np.float32)
         for start in range(0, n, self.batch):
             stop = min(start + self.batch, n)
             chunk = np.zeros((stop - start, K_MAX), dtype=np.float32)
             chunk[:, :k] = np.where(finite[start:stop, None], s[start:stop], 0.0)
-            m = stop - start
-            out[start:stop] = self.session.run(
-                ["params"],
-                {
-                    "signal": chunk,
-                    "bvalues": np.broadcast_to(b_pad, (m, K_MAX)).copy(),
-                    "mask": np.broadcast_to(m_pad, (m, K_MAX)).copy(),
-                },
-            )[0]
+            out[start:stop], sd[start:stop] = self.session.run(
+                list(self.OUTPUT_NAMES), {"signal": chunk, "bvalues": b_pad, "mask": m_pad}
+            )
         out[~finite] = np.nan
-        return IvimParams(out[:, 0], out[:, 1], out[:, 2], out[:, 3])
+        sd[~finite] = np.nan
+        return IvimParams(out[:, 0], out[:, 1], out[:, 2], out[:, 3], sd[:, 0], sd[:, 1], sd[:, 2])
 
 
 def _log_linear(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -496,11 +508,15 @@ def select_method(
 
 
 #: Keys of the parameter maps :func:`fit_maps` returns, in :class:`IvimParams` order.
-MAP_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(IvimParams))
+MAP_KEYS: tuple[str, ...] = ("d", "dstar", "f", "s0")
+#: Keys of the standard-deviation maps :func:`fit_maps` adds when the estimator gives them.
+SD_KEYS: tuple[str, ...] = ("d_sd", "dstar_sd", "f_sd")
 
 
-def fit_maps(volume: DwiVolume, mask: np.ndarray, method: IvimMethod, ctx: RunContext) -> dict[str, np.ndarray]:
-    """Fit every voxel inside ``mask`` and return one map per parameter.
+def fit_maps(
+    volume: DwiVolume, mask: np.ndarray, method: IvimMethod, ctx: RunContext, uncertainty: bool = True
+) -> dict[str, np.ndarray]:
+    """Fit every voxel inside ``mask`` and return one map per parameter (and per standard deviation).
 
     Parameters
     ----------
@@ -513,14 +529,18 @@ def fit_maps(volume: DwiVolume, mask: np.ndarray, method: IvimMethod, ctx: RunCo
         of ``ctx.batch_size("ivim-net", NET_BATCH)`` voxels.
     ctx : RunContext
         Sessions, batch sizes and the job's logger.
+    uncertainty : bool
+        Also return the :data:`SD_KEYS` maps, if the estimator gives them
+        (the network does, the least-squares fits do not).
 
     Returns
     -------
     dict of str to numpy.ndarray
-        :data:`MAP_KEYS` -> float32 ``[slices, rows, cols]``. Background and
-        voxels the estimator could not fit (NaN or infinite estimates) are 0,
-        and negative estimates are clipped to 0, so every map is a valid
-        non-negative quantity for the DICOM writers.
+        :data:`MAP_KEYS` (and possibly :data:`SD_KEYS`) -> float32
+        ``[slices, rows, cols]``. Background and voxels the estimator could
+        not fit (NaN or infinite estimates) are 0, and negative estimates are
+        clipped to 0, so every map is a valid non-negative quantity for the
+        DICOM writers.
 
     Raises
     ------
@@ -531,14 +551,18 @@ def fit_maps(volume: DwiVolume, mask: np.ndarray, method: IvimMethod, ctx: RunCo
     z, k, rows, cols = volume.signals.shape
     voxels = volume.signals.transpose(0, 2, 3, 1)[mask]  # [N, K]
     ctx.log.info("fitting %d voxels on %d b-values with %s", voxels.shape[0], k, method)
-    maps = {key: np.zeros((z, rows, cols), np.float32) for key in MAP_KEYS}
+    params: IvimParams | None = None
     if voxels.shape[0]:
         try:
             estimator = select_method(method, ctx.sessions.get(MODEL), batch=ctx.batch_size(MODEL, NET_BATCH))
             params = estimator.fit(voxels.astype(np.float32), volume.bvalues)
         except ValueError as exc:  # protocol outside what the method supports
             raise InputError(str(exc)) from None
-        for key in MAP_KEYS:
+    # Which maps exist must not depend on whether any voxel was fitted.
+    keys = MAP_KEYS + (SD_KEYS if uncertainty and method == "net" else ())
+    maps = {key: np.zeros((z, rows, cols), np.float32) for key in keys}
+    if params is not None:
+        for key in keys:
             values = np.nan_to_num(getattr(params, key), nan=0.0, posinf=0.0, neginf=0.0)
             maps[key][mask] = np.maximum(values, 0.0)
     return maps

@@ -18,7 +18,7 @@ __all__ = ["METHODS", "IvimMethod", "IvimOptions"]
 
 #: How the IVIM parameters are estimated (the ``method`` option): ``"net"``,
 #: the exported set network ``ivim-net`` (any protocol of 4 to 20 b-values in
-#: [0, 1000] s/mm2); ``"lsq-segmented"``, conventional segmented least squares
+#: [0, 1200] s/mm2); ``"lsq-segmented"``, conventional segmented least squares
 #: (D from the high b-values, then f, then D*); ``"lsq-full"``, bounded
 #: bi-exponential least squares started from the segmented fit. A Literal
 #: rather than an Enum, so the configuration, its error messages and the
@@ -39,6 +39,12 @@ class IvimOptions(PipelineOptions):
     derived_series: bool = Field(
         True,
         description="also send one classic MR series per parameter, for viewers without Parametric Map support",
+    )
+    uncertainty: bool = Field(
+        True,
+        description='with method "net", also send the per-voxel standard deviation of D, D* and f (the'
+        " network's calibrated uncertainty) as Parametric Maps, and as derived MR series if derived_series is"
+        " on; the least-squares methods give none",
     )
     mask_fraction: float = Field(
         0.08,

@@ -21,7 +21,7 @@ __all__ = ["IvimPipeline"]
 
 
 class IvimPipeline:
-    """IVIM maps (D, D*, f, S0) from multi-b-value diffusion-weighted MR."""
+    """IVIM maps (D, D*, f, S0, and the network's standard deviations of D, D*, f) from multi-b-value DWI."""
 
     name = "ivim"
     options_model = IvimOptions
@@ -48,7 +48,7 @@ class IvimPipeline:
         volume = load_dwi(series)
         ctx.progress(0.3, "series read")
         mask = background_mask(volume, self.options.mask_fraction)
-        maps = fit_maps(volume, mask, method, ctx)
+        maps = fit_maps(volume, mask, method, ctx, uncertainty=self.options.uncertainty)
         ctx.progress(0.8, "maps fitted")
         description = method_description(method, ctx.model_versions)
         out: list[Dataset] = parametric_maps(volume, maps, ctx, description)

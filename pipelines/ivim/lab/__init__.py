@@ -4,7 +4,11 @@
     the IVIM signal equation, the seeded simulator and the training
     distribution (numpy only);
 ``net``
-    the set network (torch);
+    the protocol-conditioned network (torch): a protocol encoder that
+    generates a small per-voxel MLP, with a standard deviation per estimate;
+``calibration``
+    coverage, calibration factors and out-of-range AUROC of those standard
+    deviations (numpy only; training, the benchmark and the tests share it);
 ``train``
     ``python -m pipelines.ivim.lab.train``: trains the network on simulated
     signals and exports it to ONNX;

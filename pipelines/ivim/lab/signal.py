@@ -39,6 +39,9 @@ BENCH_TEST_SEED: int = 20240917
 #: Seed of the held-out voxels of the model's unit tests.
 MODEL_TEST_SEED: int = 424242
 
+#: Largest b-value (s/mm²) of the benchmark's reference setting B protocols.
+SETTING_B_B_MAX: float = 1000.0
+
 #: The "setting A" protocol (s/mm²), as in the IVIM-NET simulation studies.
 SETTING_A_BVALUES: np.ndarray = np.array([0, 5, 10, 20, 30, 40, 60, 150, 300, 500, 700], dtype=np.float64)
 
@@ -85,6 +88,10 @@ TEST_RANGES = ParamRanges(d=(0.5e-3, 3.0e-3), f=(0.05, 0.55), dstar=(0.01, 0.1))
 #: where a posterior-mean estimator is biased inward. (Widening by 10 % a side
 #: cost about 0.005 in validation NRMSE of f and 0.01 of D* at SNR 20.)
 TRAIN_RANGES = ParamRanges(d=(0.375e-3, 3.125e-3), f=(0.025, 0.575), dstar=(0.0055, 0.1045), s0=(0.5, 2.0))
+#: The wide box of the training voxels that teach the uncertainty branch what
+#: lies outside TRAIN_RANGES (TrainingDistribution.outside_ranges): D up to
+#: beyond free water, f up to 1, D* up to fast flow.
+OUTSIDE_TRAIN_RANGES = ParamRanges(d=(0.05e-3, 5e-3), f=(0.0, 1.0), dstar=(0.004, 0.4), s0=(0.5, 2.0))
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,10 @@ class ProtocolSampling:
         clinical protocols do not use them.
     high_b_min : float
         Lower edge (s/mm²) of the "high" region used to estimate D.
+    b_max : float
+        Largest b-value (s/mm²) drawn. The default, 1000, is the reference
+        setting B of the benchmark (the model card's figures since 1.0.0);
+        training draws up to :data:`~pipelines.ivim.infer.B_MAX`.
     min_low, min_high : int
         At least this many b-values (``b = 0`` included) in the low and high
         regions: a clinical IVIM protocol samples both the perfusion and the
@@ -124,6 +135,7 @@ class ProtocolSampling:
     low_b_min: float = 5.0
     low_b_max: float = 100.0
     high_b_min: float = 200.0
+    b_max: float = SETTING_B_B_MAX
     min_low: int = 2
     min_high: int = 2
     low_fraction: tuple[float, float] = (0.4, 0.7)
@@ -142,7 +154,7 @@ class ProtocolSampling:
             "min_low": self.min_low,
             "min_high": self.min_high,
             "low_fraction": list(self.low_fraction),
-            "b_max": B_MAX,
+            "b_max": self.b_max,
             "rounding": "integer s/mm2, distinct",
         }
 
@@ -166,14 +178,24 @@ class TrainingDistribution:
     perturb_rel : float
         Maximum relative perturbation of the told b-values (uniform,
         multiplicative, independent per b-value).
+    outside_fraction : float
+        Fraction of voxels whose D, f and D* are drawn from ``outside_ranges``
+        instead (outlier exposure): they train only the uncertainty branch,
+        which so learns that signals the estimate cannot represent have
+        large errors; the estimate is trained on the voxels inside ``ranges``.
+    outside_ranges : ParamRanges
+        The wide box of those voxels (S0 is still drawn from ``ranges``).
     """
 
     ranges: ParamRanges = TRAIN_RANGES
     snr: tuple[float, float] = (8.0, 120.0)
     p_rician: float = 0.5
-    protocols: ProtocolSampling = field(default_factory=ProtocolSampling)
+    # Training protocols reach the largest b-value the service accepts.
+    protocols: ProtocolSampling = field(default_factory=lambda: ProtocolSampling(b_max=B_MAX))
     p_perturb: float = 0.5
     perturb_rel: float = 0.05
+    outside_fraction: float = 0.1
+    outside_ranges: ParamRanges = OUTSIDE_TRAIN_RANGES
 
     def as_dict(self) -> dict[str, object]:
         """Return the distribution as a JSON-friendly dict."""
@@ -189,6 +211,11 @@ class TrainingDistribution:
                 "p": self.p_perturb,
                 "relative": self.perturb_rel,
                 "kind": "told b = true b * (1 + U[-rel, rel]), per b-value; signal simulated with the true b",
+            },
+            "outside": {
+                "fraction": self.outside_fraction,
+                "ranges": self.outside_ranges.as_dict(),
+                "use": "uncertainty branch only (NLL); voxels with any of D, f, D* outside ranges get no MSE",
             },
         }
 
@@ -209,6 +236,8 @@ class SimulatedBatch:
         1 for valid entries, 0 for padding, same shape.
     signal : numpy.ndarray
         Noisy signals, same shape, 0 in padded entries.
+    inside : numpy.ndarray
+        Boolean ``[N]``: D, f and D* all inside the distribution's ``ranges``.
     """
 
     d: np.ndarray
@@ -219,6 +248,7 @@ class SimulatedBatch:
     bvalues_told: np.ndarray
     mask: np.ndarray
     signal: np.ndarray
+    inside: np.ndarray
 
 
 def ivim_signal(
@@ -316,7 +346,7 @@ def sample_random_protocol(rng: np.random.Generator, sampling: ProtocolSampling 
     included with probability ``p_b0``. A fraction ``low_fraction`` of the
     b-values (at least ``min_low``, ``b = 0`` included) lie in the low region,
     log-uniform in ``[low_b_min, low_b_max]``; at least ``min_high`` lie in
-    ``[high_b_min, B_MAX]``; the rest are uniform in ``(low_b_max, B_MAX]``.
+    ``[high_b_min, b_max]``; the rest are uniform in ``(low_b_max, b_max]``.
     Values are distinct integers.
 
     Parameters
@@ -329,7 +359,7 @@ def sample_random_protocol(rng: np.random.Generator, sampling: ProtocolSampling 
     Returns
     -------
     numpy.ndarray
-        Sorted b-values (s/mm²), float64, 4 to 20 of them.
+        Sorted b-values (s/mm²), float64, ``k_min`` to ``k_max`` of them.
     """
     s = sampling or ProtocolSampling()
     k = int(rng.integers(s.k_min, s.k_max + 1))
@@ -346,9 +376,9 @@ def sample_random_protocol(rng: np.random.Generator, sampling: ProtocolSampling 
     while len(values) < n_low:
         values.add(int(round(np.exp(rng.uniform(log_lo, log_hi)))))
     while len(values) < n_low + n_high:
-        values.add(int(round(rng.uniform(s.high_b_min, B_MAX))))
+        values.add(int(round(rng.uniform(s.high_b_min, s.b_max))))
     while len(values) < n_low + n_high + n_mid:
-        values.add(int(round(rng.uniform(s.low_b_max, B_MAX))))
+        values.add(int(round(rng.uniform(s.low_b_max, s.b_max))))
     return np.array(sorted(values), dtype=np.float64)
 
 
@@ -457,6 +487,14 @@ def simulate_training_batch(
         else:
             b_told[start:stop] = bt
     d, f, dstar, s0 = sample_parameters(rng, n, dist.ranges)
+    if dist.outside_fraction > 0:
+        wide = rng.random(n) < dist.outside_fraction
+        dw, fw, dsw, _ = sample_parameters(rng, n, dist.outside_ranges)
+        d, f, dstar = np.where(wide, dw, d), np.where(wide, fw, f), np.where(wide, dsw, dstar)
+    r = dist.ranges
+    inside = (
+        (d >= r.d[0]) & (d <= r.d[1]) & (f >= r.f[0]) & (f <= r.f[1]) & (dstar >= r.dstar[0]) & (dstar <= r.dstar[1])
+    )
     snr = np.exp(rng.uniform(np.log(dist.snr[0]), np.log(dist.snr[1]), size=n))
     rician = rng.random(n) < dist.p_rician
     clean = ivim_signal(b_true, d, f, dstar, s0)
@@ -470,6 +508,7 @@ def simulate_training_batch(
         bvalues_told=b_told,
         mask=mask,
         signal=noisy,
+        inside=inside,
     )
 
 
