@@ -154,3 +154,166 @@ def test_inference_needs_no_torch() -> None:
         "assert not [m for m in sys.modules if m.startswith('pipelines.lf2hf.lab')], 'the runtime imported the lab'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+# The learned contrast-preserving restoration (lf2hf-dc): an unrolled proximal-gradient loop in
+# pipelines.lf2hf.infer.restore around an exported prior. Fresh data only: phantoms of a seed that
+# training refuses (TEST_PHANTOM_SEED) and held-out brain slices of TEST_SEED.
+RESTORE_PATH = MODELS / "lf2hf-dc.onnx"
+RESTORE_MANIFEST = MODELS / "lf2hf-dc.json"
+#: The out-of-domain benchmark's fields (tissue SNR 8, 67, 155).
+PHANTOM_FIELDS = (0.064, 0.3, 0.55)
+PHANTOMS_PER_FIELD = 3
+
+
+@pytest.fixture(scope="module")
+def restore_session() -> Any:
+    return cpu_session(RESTORE_PATH, threads=1)
+
+
+@pytest.fixture(scope="module")
+def phantom_scores(restore_session: Any) -> list[dict[str, Any]]:
+    """Per test phantom (clean and B0-perturbed): bicubic, TV and learned PSNR, residual-to-noise."""
+    from pipelines.lf2hf.lab.anatomy import TEST_PHANTOM_SEED
+    from pipelines.lf2hf.lab.bench_restore import ood_snr, phantom_case, score
+
+    rows = []
+    for f in PHANTOM_FIELDS:
+        for i in range(PHANTOMS_PER_FIELD):
+            clean = score(*phantom_case(TEST_PHANTOM_SEED, i, ood_snr(f), warp=False), restore_session)
+            b0 = score(*phantom_case(TEST_PHANTOM_SEED, i, ood_snr(f), warp=True), restore_session)
+            rows.append({"field_t": f, "index": i, "clean": clean, "b0": b0})
+    return rows
+
+
+def test_restore_manifest_matches_model() -> None:
+    from pipelines.lf2hf.infer import RESTORE_ITERATIONS, RESTORE_STEP, RESTORE_TAU
+    from pipelines.lf2hf.lab.anatomy import PHANTOM_SEED, TEST_PHANTOM_SEED
+
+    m = json.loads(RESTORE_MANIFEST.read_text())
+    assert m["name"] == "lf2hf-dc" and m["file"] == RESTORE_PATH.name
+    assert m["sha256"] == sha256_file(RESTORE_PATH)
+    assert RESTORE_PATH.stat().st_size < 1024 * 1024  # a small prior: the physics is in the loop
+    pre = m["preprocessing"]
+    assert (pre["iterations"], pre["step"], pre["tau"]) == (RESTORE_ITERATIONS, RESTORE_STEP, RESTORE_TAU)
+    assert m["training"]["data_generator"] == "pipelines.lf2hf.lab.anatomy"
+    assert m["training"]["seed"] not in (TEST_SEED, PHANTOM_SEED, TEST_PHANTOM_SEED)
+
+
+def test_restore_is_no_worse_than_bicubic_on_unseen_phantoms(phantom_scores: list[dict[str, Any]]) -> None:
+    gains = [r["clean"]["learned"]["psnr"] - r["clean"]["bicubic"]["psnr"] for r in phantom_scores]
+    assert min(gains) >= 0.0, np.round(gains, 2)
+    # And it is why the pipeline uses it instead of TV: better on average at every field.
+    for f in PHANTOM_FIELDS:
+        rows = [r for r in phantom_scores if r["field_t"] == f]
+        learned = np.mean([r["clean"]["learned"]["psnr"] for r in rows])
+        tv = np.mean([r["clean"]["tv"]["psnr"] for r in rows])
+        assert learned > tv, f"{f} T: learned {learned:.2f} dB, TV {tv:.2f} dB"
+
+
+def test_restore_output_explains_the_data_to_the_noise_level(phantom_scores: list[dict[str, Any]]) -> None:
+    from pipelines.lf2hf.infer import RESTORE_TAU
+
+    ratios = np.array([r[k]["learned"]["residual_to_noise"] for r in phantom_scores for k in ("clean", "b0")])
+    # By construction (the loop ends on the projection onto ||A x - y|| <= tau sigma); the margin is
+    # the difference between the projection's real-part residual and the magnitude residual measured here.
+    assert ratios.max() <= 1.1 * RESTORE_TAU, np.round(ratios, 2)
+    assert ratios.min() > 0.3, np.round(ratios, 2)  # it denoised: the noise stays in the residual
+
+
+def test_restore_is_robust_to_a_b0_field_map(phantom_scores: list[dict[str, Any]]) -> None:
+    loss = np.mean([r["clean"]["learned"]["psnr"] - r["b0"]["learned"]["psnr"] for r in phantom_scores])
+    assert loss <= 1.0, f"PSNR loss under the field-map perturbation {loss:+.2f} dB"
+
+
+@pytest.fixture(scope="module")
+def brain_restore_scores(restore_session: Any) -> dict[float, list[dict[str, dict[str, float]]]]:
+    """Per field: scores of three T1w and three T2w held-out brain slices (own low-field contrast), TEST_SEED."""
+    from pipelines.lf2hf.lab.anatomy import brain_truth, degrade
+    from pipelines.lf2hf.lab.bench_restore import score
+    from pipelines.lf2hf.lab.simulator import draw_acquisition, load_anatomy
+    from pipelines.lf2hf.preprocess import Contrast
+
+    anatomy = load_anatomy()
+    out: dict[float, list[dict[str, dict[str, float]]]] = {}
+    for f in BENCH_FIELDS:
+        out[f] = []
+        for contrast, slices in ((Contrast.T1W, TEST_SLICES_T1W), (Contrast.T2W, TEST_SLICES_T2W)):
+            for z in slices:
+                rng = np.random.default_rng([TEST_SEED, int(f * 1000), z])
+                acq = draw_acquisition(rng, f, contrast)
+                truth = brain_truth(anatomy.slab(z), acq)
+                out[f].append(score(degrade(truth, acq.snr, rng), truth, anatomy.brain_slice(z), restore_session))
+    return out
+
+
+@pytest.mark.parametrize("field_t", BENCH_FIELDS)
+def test_restore_in_domain_beats_bicubic_on_every_slice(
+    field_t: float, brain_restore_scores: dict[float, list[dict[str, dict[str, float]]]]
+) -> None:
+    gains = [s["learned"]["psnr"] - s["bicubic"]["psnr"] for s in brain_restore_scores[field_t]]
+    assert min(gains) >= 0.0, np.round(gains, 2)
+
+
+@pytest.mark.parametrize(
+    "field_t",
+    [
+        pytest.param(
+            0.064,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="known weakness (model card): at 0.064 T the learned restoration is below TV on the brain "
+                "(bench: -0.48 dB T1w, +0.67 dB T2w)",
+            ),
+        ),
+        0.3,
+        0.55,
+    ],
+)
+def test_restore_in_domain_no_worse_than_tv(
+    field_t: float, brain_restore_scores: dict[float, list[dict[str, dict[str, float]]]]
+) -> None:
+    rows = brain_restore_scores[field_t]
+    learned = np.mean([s["learned"]["psnr"] for s in rows])
+    tv = np.mean([s["tv"]["psnr"] for s in rows])
+    assert learned >= tv, f"learned {learned:.2f} dB, TV {tv:.2f} dB"
+
+
+def test_restore_speed_against_the_translation_network_in_the_same_run(session: Any, restore_session: Any) -> None:
+    import time
+
+    from pipelines.lf2hf.infer import restore
+
+    x = np.random.default_rng(0).rayleigh(1.0, (1, 128, 128)).astype(np.float32)
+    x[:, 24:104, 24:104] += 20.0
+
+    def rate(fn: Any) -> float:
+        fn()
+        best = 0.0
+        for _ in range(3):  # the best of three: the machine is shared
+            t0 = time.perf_counter()
+            for _ in range(4):
+                fn()
+            best = max(best, 4 / (time.perf_counter() - t0))
+        return best
+
+    learned = rate(lambda: restore(restore_session, x))
+    net = rate(lambda: enhance(session, x, 0.064, "T1w"))
+    # The translation network ran 16.5 slices/s on one thread on the reference machine (model card);
+    # 10 slices/s, the issue's target, is 0.6 of it.
+    assert learned >= 0.6 * net, f"restore {learned:.1f} slices/s, translation network {net:.1f} slices/s"
+
+
+def test_restore_is_deterministic_and_needs_no_torch(restore_session: Any) -> None:
+    code = (
+        "import sys, numpy as np\n"
+        "from pipelines._lab import cpu_session\n"
+        "from pipelines.lf2hf.infer import restore\n"
+        f"s = cpu_session({str(RESTORE_PATH)!r})\n"
+        "x = np.random.default_rng(0).rayleigh(1.0, (2, 40, 44)).astype(np.float32)\n"
+        "x[:, 10:30, 10:34] += 20\n"
+        "a, b = restore(s, x), restore(s, x)\n"
+        "assert a.shape == (2, 80, 88) and np.array_equal(a, b) and a.min() >= 0\n"
+        "assert 'torch' not in sys.modules and 'scipy' not in sys.modules, 'restore imported torch or scipy'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)

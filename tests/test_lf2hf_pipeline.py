@@ -14,7 +14,7 @@ from gateway.contract import Identity, InputError, Instance, RunContext, Series
 from gateway.headers import routing_headers
 from gateway.uids import derived_uid
 from pipelines._lab import cpu_session
-from pipelines.lf2hf.dicom import AI_LABEL, PRESERVED_LABEL
+from pipelines.lf2hf.dicom import AI_LABEL, LEARNED_PRESERVED_LABEL, PRESERVED_LABEL
 from pipelines.lf2hf.lab.synthetic import write_lowfield_series
 from pipelines.lf2hf.options import Lf2hfOptions
 from pipelines.lf2hf.pipeline import Lf2hfPipeline
@@ -22,6 +22,7 @@ from tests.conftest import REPO, GatewayProcess, Orthanc, storescu, wait_for
 from tests.validators import dciodvfy
 
 MODEL_PATH = REPO / "exported_models" / "lf2hf-net.onnx"
+RESTORE_PATH = REPO / "exported_models" / "lf2hf-dc.onnx"
 
 
 def as_series(paths: list[Path]) -> Series:
@@ -36,7 +37,7 @@ def as_series(paths: list[Path]) -> Series:
 def context() -> tuple[RunContext, list[tuple[str, int]]]:
     flags: list[tuple[str, int]] = []
     ctx = RunContext(
-        sessions={"lf2hf-net": cpu_session(MODEL_PATH)},
+        sessions={"lf2hf-net": cpu_session(MODEL_PATH), "lf2hf-dc": cpu_session(RESTORE_PATH)},
         uid=lambda key: derived_uid("test-lf2hf", key),
         identity=Identity("aigw tests", "aigw", "0.0-test", "TEST-1"),
         workdir=Path("."),
@@ -149,6 +150,7 @@ def test_contrast_option_overrides_the_guess(lowfield: list[Path]) -> None:
         {"contrast": "PD"},
         {"translate_contrast": "always"},
         {"out_of_domain": "flagged"},
+        {"contrast_preserving": "nlm"},
         {"max_residual_to_noise": 0.0},
         {"field_t": 0.064},  # unknown key (a misspelt assume_field_t)
     ],
@@ -190,7 +192,8 @@ def test_real_shoulder_is_no_worse_than_bicubic_and_keeps_its_contrast(field_t: 
     series, truth, y = _shoulder_series(field_t, tmp_path)
     ctx, flags = context()
     (ds,) = Lf2hfPipeline().run(series, ctx)
-    assert ds.SeriesDescription.startswith(PRESERVED_LABEL), ds.SeriesDescription
+    assert ds.SeriesDescription.startswith(LEARNED_PRESERVED_LABEL), ds.SeriesDescription
+    assert "unrolled proximal-gradient" in ds.DerivationDescription
     assert "no AI contrast translation" in ds.DerivationDescription
     assert ("out_of_domain", 1) in flags
     truth_n, mask, s_in = truth / normalisation_scale(truth), head_mask(truth), normalisation_scale(y)
@@ -228,9 +231,17 @@ def test_translation_off_and_a_brain_stays_consistent(lowfield: list[Path]) -> N
 
     ctx, flags = context()
     out = Lf2hfPipeline(Lf2hfOptions(translate_contrast="never")).run(as_series(lowfield), ctx)
-    assert all(ds.SeriesDescription == f"{PRESERVED_LABEL} (translation off)" for ds in out)
+    assert all(ds.SeriesDescription == f"{LEARNED_PRESERVED_LABEL} (translation off)" for ds in out)
     assert not flags  # a site's choice, not an event
     acquired, _, _ = read_slices(as_series(lowfield))
-    ratio = residual_to_noise(np.stack([ds.pixel_array.astype(np.float32) for ds in out]), acquired)
-    assert np.all(ratio < 1.5), ratio  # consistent with the acquired k-space to the noise level
-    assert np.all(ratio > 0.2), ratio  # and it did denoise: it is not the zero-filled input
+    for method, label in (("learned", LEARNED_PRESERVED_LABEL), ("tv", PRESERVED_LABEL)):
+        if method == "tv":
+            out = Lf2hfPipeline(Lf2hfOptions(translate_contrast="never", contrast_preserving="tv")).run(
+                as_series(lowfield), ctx)
+        assert all(ds.SeriesDescription == f"{label} (translation off)" for ds in out), method
+        ratio = residual_to_noise(np.stack([ds.pixel_array.astype(np.float32) for ds in out]), acquired)
+        assert np.all(ratio < 1.5), (method, ratio)  # consistent with the acquired k-space to the noise level
+        assert np.all(ratio > 0.2), (method, ratio)  # and it did denoise: it is not the zero-filled input
+    learned_uids = {ds.SOPInstanceUID for ds in Lf2hfPipeline(Lf2hfOptions(translate_contrast="never")).run(
+        as_series(lowfield), ctx)}
+    assert learned_uids.isdisjoint({ds.SOPInstanceUID for ds in out})  # two different images never share a UID

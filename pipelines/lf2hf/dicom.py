@@ -6,7 +6,9 @@ Reference and orientation, half the pixel spacing, a Source Image Sequence
 and a Derivation Code Sequence. The Series Description and Derivation
 Description say which blocks ran (:class:`Outcome`): "AI 3T-like contrast,
 denoised 2x" when the domain gate let the network translate the contrast,
-"TV denoised 2x, contrast preserved (reason)" otherwise. The verdict of the
+"AI denoised 2x, contrast preserved (reason)" when the learned
+data-consistent restoration ran instead, "TV denoised 2x, contrast
+preserved (reason)" when the classical one did. The verdict of the
 consistency check goes into Image Comments, which most viewers show in the
 image overlay. A flagged slice never gets here: the pipeline sends its
 series down the contrast-preserving path instead.
@@ -23,9 +25,16 @@ from pydicom import Dataset
 
 from gateway.contract import Geometry, RunContext, derived_series_number
 from pipelines._derived import DerivedImage, derived_mr_image
-from pipelines.lf2hf.infer import MODEL, TV_ITERATIONS, TV_LAMBDA_OVER_SIGMA
+from pipelines.lf2hf.infer import (
+    MODEL,
+    RESTORE_ITERATIONS,
+    RESTORE_MODEL,
+    RESTORE_TAU,
+    TV_ITERATIONS,
+    TV_LAMBDA_OVER_SIGMA,
+)
 
-__all__ = ["DERIVATION", "SERIES_OFFSET", "Outcome", "enhanced_series", "half_spacing"]
+__all__ = ["DERIVATION", "LEARNED_PRESERVED_LABEL", "SERIES_OFFSET", "Outcome", "enhanced_series", "half_spacing"]
 
 # PS3.16 CID 7203: the closest standard description of a 2x resampling; the
 # derivation description says what the network does.
@@ -38,6 +47,7 @@ _MAX_STORED: float = 60000.0
 #: Series Description (LO, 64 characters, PS3.5 6.2) of each path.
 AI_LABEL: str = "AI 3T-like contrast, denoised 2x"
 PRESERVED_LABEL: str = "TV denoised 2x, contrast preserved"
+LEARNED_PRESERVED_LABEL: str = "AI denoised 2x, contrast preserved"
 
 
 @dataclass(frozen=True)
@@ -57,12 +67,16 @@ class Outcome:
         Why the gate turned the series away (empty when translated).
     short_reason : str
         The same in a few words, for the Series Description.
+    learned : bool
+        Contrast preserved by the learned data-consistent restoration
+        (:func:`pipelines.lf2hf.infer.restore`) rather than TV.
     """
 
     translated: bool
     score: np.ndarray
     reason: str = ""
     short_reason: str = ""
+    learned: bool = False
 
 
 def half_spacing(g: Geometry) -> Geometry:
@@ -121,6 +135,17 @@ def enhanced_series(
             "passed; a reading aid that does not replace the acquired images"
         )
         image_type = ("OTHER", "AI_ENHANCED")
+    elif outcome.learned:
+        version = ctx.model_versions.get(RESTORE_MODEL, "?")
+        what = f"{RESTORE_MODEL} {version}, {field_strength_t:g} T {contrast} input"
+        description = f"{LEARNED_PRESERVED_LABEL} ({outcome.short_reason})"
+        derivation = (
+            f"AI denoising and 2x in-plane resolution by an unrolled proximal-gradient network ({what}; "
+            f"{RESTORE_ITERATIONS} gradient steps through the acquisition operator and a learned prior, then "
+            f"projection onto the data within {RESTORE_TAU:g} x the noise level); contrast preserved, no AI "
+            f"contrast translation: {outcome.reason}; a reading aid that does not replace the acquired images"
+        )
+        image_type = ("OTHER", "DENOISED")
     else:
         what = f"{field_strength_t:g} T {contrast} input"
         description = f"{PRESERVED_LABEL} ({outcome.short_reason})"
@@ -136,7 +161,7 @@ def enhanced_series(
     # 16 bits. There is no Modality LUT in the MR Image IOD, so nothing to rescale.
     gain = _MAX_STORED / float(out.max()) if float(out.max()) > _MAX_STORED else 1.0
     # The two paths give different images of the same source: they must never share UIDs (PS3.3 C.7.3.1).
-    key = "" if outcome.translated else "preserved/"
+    key = "" if outcome.translated else ("restored/" if outcome.learned else "preserved/")
     datasets = []
     for z, (src, geom) in enumerate(zip(sources, geometry)):
         score = float(outcome.score[z])

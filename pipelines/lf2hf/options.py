@@ -48,12 +48,18 @@ class Lf2hfOptions(PipelineOptions):
         "auto",
         description='"auto": the AI 3 T-like contrast translation runs on series the domain gate accepts (brain '
         'spin echo, known weighting, consistent output), the others get the contrast-preserving result; '
-        '"never": every series gets the contrast-preserving result (TV denoising and 2x).',
+        '"never": every series gets the contrast-preserving result (denoising and 2x, see contrast_preserving).',
     )
     out_of_domain: Literal["contrast_preserving", "no_result"] = Field(
         "contrast_preserving",
         description="What a series the domain gate turns away gets: the contrast-preserving result (labelled so in "
         'its Series Description), or "no_result": the job fails with the reason and nothing goes to PACS.',
+    )
+    contrast_preserving: Literal["learned", "tv"] = Field(
+        "learned",
+        description='How the contrast-preserving result is made: "learned": the unrolled data-consistent '
+        'restoration (model lf2hf-dc: gradient steps through the acquisition operator and a learned prior, '
+        'trained on domain-randomised anatomy); "tv": the classical total-variation reconstruction.',
     )
     domain_body_parts: tuple[str, ...] = Field(
         DOMAIN_BODY_PARTS,

@@ -16,10 +16,13 @@ it runs only on a series that passes, in order:
 3. its own output: every slice consistent with the acquired one
    (:func:`pipelines.lf2hf.infer.degrade`, score at most 1).
 
-A series that fails any of them gets the contrast-preserving result
-(:func:`pipelines.lf2hf.infer.reconstruct_tv`, consistent with the acquired
-k-space to the noise level, checked per slice with
-:func:`pipelines.lf2hf.infer.residual_to_noise`), or, with ``out_of_domain =
+A series that fails any of them gets the contrast-preserving result: the
+learned data-consistent restoration (:func:`pipelines.lf2hf.infer.restore`,
+an unrolled proximal-gradient network trained on domain-randomised anatomy)
+or, with ``contrast_preserving = "tv"``, the classical TV reconstruction
+(:func:`pipelines.lf2hf.infer.reconstruct_tv`); both are consistent with the
+acquired k-space to the noise level, checked per slice with
+:func:`pipelines.lf2hf.infer.residual_to_noise`. Or, with ``out_of_domain =
 "no_result"`` or when even that check fails, no result: the job fails with
 the reason. The reason goes to the job log, to
 ``aigw_pipeline_flags_total{pipeline="lf2hf",kind}`` (kinds
@@ -41,7 +44,17 @@ from pydicom import Dataset
 
 from gateway.contract import InputError, ModelSpec, RunContext, Selection, Series, SeriesInfo
 from pipelines.lf2hf.dicom import Outcome, enhanced_series
-from pipelines.lf2hf.infer import BATCH, MODEL, degrade, domain_reasons, enhance, reconstruct_tv, residual_to_noise
+from pipelines.lf2hf.infer import (
+    BATCH,
+    MODEL,
+    RESTORE_MODEL,
+    degrade,
+    domain_reasons,
+    enhance,
+    reconstruct_tv,
+    residual_to_noise,
+    restore,
+)
 from pipelines.lf2hf.options import Lf2hfOptions
 from pipelines.lf2hf.preprocess import field_strength, guess_contrast, read_slices, sequence_reasons
 
@@ -76,8 +89,8 @@ class Lf2hfPipeline:
         return Selection(True, f"low-field MR at {b0:g} T")
 
     def models(self) -> Sequence[ModelSpec]:
-        """The one network, eight slices per call (a 256 x 256 output slice is large)."""
-        return [ModelSpec(MODEL, batch_size=BATCH)]
+        """The contrast-translation network and the restoration's prior, eight slices per call."""
+        return [ModelSpec(MODEL, batch_size=BATCH), ModelSpec(RESTORE_MODEL, batch_size=BATCH)]
 
     def run(self, series: Series, ctx: RunContext) -> list[Dataset]:
         """Read and sort the slices, gate, enhance and check them, and write the derived series."""
@@ -109,7 +122,11 @@ class Lf2hfPipeline:
         if opts.out_of_domain == "no_result":
             ctx.flag("no_result", 1)
             raise InputError(f"no result: {reason} (out_of_domain = no_result)")
-        out = reconstruct_tv(slices)
+        learned = opts.contrast_preserving == "learned"
+        if learned:
+            out = restore(ctx.sessions[RESTORE_MODEL], slices, batch=ctx.batch_size(RESTORE_MODEL, BATCH))
+        else:
+            out = reconstruct_tv(slices)
         ratio = residual_to_noise(out, slices)
         worst = float(ratio.max())
         if worst > opts.max_residual_to_noise:
@@ -117,7 +134,8 @@ class Lf2hfPipeline:
             raise InputError(f"no result: the contrast-preserving reconstruction does not explain the acquired "
                              f"images (residual {worst:.2f} x the noise level, above {opts.max_residual_to_noise:g})")
         ctx.progress(0.8, "contrast-preserving reconstruction")
-        return enhanced_series(sources, geometry, out, Outcome(False, ratio, reason, short), b0, contrast, ctx)
+        return enhanced_series(sources, geometry, out, Outcome(False, ratio, reason, short, learned), b0, contrast,
+                               ctx)
 
     def demo_study(self, folder: Path, seed: int) -> list[Path]:
         """A synthetic low-field brain series for ``aigw demo`` (needs the lab's simulator)."""

@@ -40,7 +40,9 @@ noise, magnitude) at 0.064, 0.3 and 0.55 T. Per image and field: PSNR/SSIM
 within the truth's foreground of bicubic, NLM + bicubic, the classical
 TV-regularised reconstruction with the same operator
 (:func:`~pipelines.lf2hf.infer.reconstruct_tv`, :data:`OOD_TV_ITERATIONS`
-iterations), the raw network (no gate, context), and the pipeline's own
+iterations), the learned data-consistent restoration
+(:func:`~pipelines.lf2hf.infer.restore`, ``--restore-model``), the raw
+network (no gate, context), and the pipeline's own
 result through :meth:`~pipelines.lf2hf.pipeline.Lf2hfPipeline.run` with the
 domain gate, with its gain over bicubic and the path the gate chose.
 
@@ -144,7 +146,8 @@ OOD_SNR_EXPONENT: float = 1.375
 OOD_SEED: int = 7070
 #: Iterations of the classical TV baseline ("a few hundred").
 OOD_TV_ITERATIONS: int = 300
-OOD_METHODS: tuple[str, ...] = ("bicubic", "nlm+bicubic", "tv", "net (no gate)", "pipeline")
+OOD_METHODS: tuple[str, ...] = ("bicubic", "nlm+bicubic", "tv", "learned", "net (no gate)", "pipeline")
+DEFAULT_RESTORE_MODEL = ROOT / "exported_models" / "lf2hf-dc.onnx"
 
 
 def _testdata(name: str) -> Any:
@@ -213,9 +216,12 @@ def ood_series_file(src_name: str, img: np.ndarray, field_t: float, folder: Path
     return path
 
 
-def run_pipeline(paths: list[Path], session: Any, options: Any = None) -> tuple[np.ndarray, list[Any],
-                                                                                 list[tuple[str, int]]]:
+def run_pipeline(paths: list[Path], session: Any, options: Any = None, restore_session: Any = None
+                 ) -> tuple[np.ndarray, list[Any], list[tuple[str, int]]]:
     """Run :class:`~pipelines.lf2hf.pipeline.Lf2hfPipeline` on DICOM files as the gateway would.
+
+    ``session`` is the contrast-translation network's, ``restore_session``
+    the learned restoration prior's (default: the exported one).
 
     Returns the output pixels ``[N, 2H, 2W]`` (float32, stored values), the
     output datasets and the flags raised.
@@ -234,7 +240,7 @@ def run_pipeline(paths: list[Path], session: Any, options: Any = None) -> tuple[
     series = Series(str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), "MR", "SCANNER", insts)
     flags: list[tuple[str, int]] = []
     ctx = RunContext(
-        sessions={"lf2hf-net": session},
+        sessions={"lf2hf-net": session, "lf2hf-dc": restore_session or cpu_session(DEFAULT_RESTORE_MODEL)},
         uid=lambda key: derived_uid("lf2hf-bench", key),
         identity=Identity("aigw bench", "aigw", "0.0-bench", "BENCH-1"),
         workdir=Path("."),
@@ -246,11 +252,13 @@ def run_pipeline(paths: list[Path], session: Any, options: Any = None) -> tuple[
 
 
 def ood_benchmark(session: Any, names: tuple[str, ...] = OOD_IMAGES, fields: tuple[float, ...] = BENCH_FIELDS,
-                  seed: int = OOD_SEED) -> list[dict[str, Any]]:
+                  seed: int = OOD_SEED, restore_session: Any = None) -> list[dict[str, Any]]:
     """Out-of-domain figures per image and field (module docstring); one row each."""
     import tempfile
 
-    from pipelines.lf2hf.infer import reconstruct_tv, residual_to_noise
+    from pipelines.lf2hf.infer import reconstruct_tv, residual_to_noise, restore
+
+    restore_session = restore_session or cpu_session(DEFAULT_RESTORE_MODEL)
     from pipelines.lf2hf.preprocess import head_mask
 
     rng = np.random.default_rng(seed)
@@ -268,14 +276,18 @@ def ood_benchmark(session: Any, names: tuple[str, ...] = OOD_IMAGES, fields: tup
                     "bicubic": bicubic(x),
                     "nlm+bicubic": nlm_bicubic(x),
                     "tv": reconstruct_tv(x, iterations=OOD_TV_ITERATIONS),
+                    "learned": restore(restore_session, y) / s_in,
                     "net (no gate)": enhance(session, y, f, "T1w") / s_in,
                 }
-                out, ds, flags = run_pipeline([ood_series_file(name, y, f, Path(tmp))], session)
+                out, ds, flags = run_pipeline([ood_series_file(name, y, f, Path(tmp))], session,
+                                              restore_session=restore_session)
                 preds["pipeline"] = out[0] / s_in
                 row: dict[str, Any] = {"image": name, "field_t": f, "input_shape": list(y.shape),
                                        "snr": float(1000.0 / sigma),
                                        "path": str(ds[0].SeriesDescription), "flags": flags,
-                                       "residual_to_noise": float(residual_to_noise(out, y[None])[0])}
+                                       "residual_to_noise": float(residual_to_noise(out, y[None])[0]),
+                                       "residual_to_noise_tv": float(residual_to_noise(preds["tv"], x)[0]),
+                                       "residual_to_noise_learned": float(residual_to_noise(preds["learned"], x)[0])}
                 for m, pred in preds.items():
                     row[m] = {"psnr": psnr_masked(pred, truth_n, mask), "ssim": ssim_masked(pred, truth_n, mask)}
                 for m in OOD_METHODS:
@@ -658,6 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--restore-model", type=Path, default=DEFAULT_RESTORE_MODEL,
+                    help="the learned restoration's prior (lf2hf-dc.onnx)")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--manifest", type=Path, default=None)
     ap.add_argument("--train-log", type=Path, default=None)
@@ -680,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(calibrate_gate()))
         return 0
     if args.ood:
-        rows = ood_benchmark(session)
+        rows = ood_benchmark(session, restore_session=cpu_session(args.restore_model, threads=1))
         summary = print_ood(rows)
         if args.json_out is not None:
             args.json_out.write_text(json.dumps({"ood": rows, "ood_summary": summary}, indent=2))

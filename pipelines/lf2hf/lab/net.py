@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.lf2hf.infer import PRIOR_COND_DIM, PRIOR_SIGMA_FLOOR, PRIOR_SIGMA_REF
 from pipelines.lf2hf.preprocess import COND_DIM
 
 logger = logging.getLogger(__name__)
@@ -127,3 +128,89 @@ class LF2HFNet(nn.Module):
 def count_parameters(net: nn.Module) -> int:
     """Number of parameters (trainable or not: the exported average has gradients off)."""
     return sum(p.numel() for p in net.parameters())
+
+
+class PriorNet(nn.Module):
+    """The learned prior of the contrast-preserving restoration: a small noise-conditioned residual denoiser.
+
+    One step of :func:`pipelines.lf2hf.infer.restore`'s unrolled
+    proximal-gradient loop: ``image`` ``[N, 1, H2, W2]`` (the iterate on the
+    fine grid, normalised) and ``cond`` ``[N, 2]`` (noise level and
+    iteration, :func:`pipelines.lf2hf.infer.restore_conditioning`) to the
+    next iterate, as a residual over ``image``. ``H2`` and ``W2`` must be
+    multiples of :data:`PRIOR_STRIDE` (the caller pads).
+
+    A two-level U-Net on the half-resolution grid (pixel-unshuffle by 2):
+    ``widths[0]`` channels at half resolution, ``widths[1]`` at a quarter,
+    FiLM residual blocks modulated by the conditioning. It sees no
+    contrast, field or anatomy label: it can only learn what restoring a
+    k-space-truncated, noisy image means. Cheap on purpose (about 1 GFLOP for a
+    256 x 256 iterate), because it runs once per iteration.
+    """
+
+    def __init__(self, widths: tuple[int, int] = (24, 32), blocks: tuple[int, int] = (1, 2), emb_dim: int = 32) -> None:
+        super().__init__()
+        w0, w1 = widths
+        self.widths = widths
+        self.embed = nn.Sequential(nn.Linear(PRIOR_COND_DIM, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim),
+                                   nn.SiLU())
+        self.unshuffle = nn.PixelUnshuffle(2)
+        self.head = nn.Conv2d(4 + PRIOR_COND_DIM, w0, 3, padding=1)
+        self.enc0 = nn.ModuleList(FiLMResBlock(w0, emb_dim) for _ in range(blocks[0]))
+        self.down = nn.Conv2d(w0, w1, 3, stride=2, padding=1)
+        self.mid = nn.ModuleList(FiLMResBlock(w1, emb_dim) for _ in range(blocks[1]))
+        self.up = nn.Sequential(nn.Conv2d(w1, 4 * w0, 3, padding=1), nn.PixelShuffle(2))
+        self.dec0 = FiLMResBlock(w0, emb_dim)
+        self.tail = nn.Conv2d(w0, 4, 3, padding=1)
+        nn.init.zeros_(self.tail.weight)
+        nn.init.zeros_(self.tail.bias)  # type: ignore[arg-type]
+        self.shuffle = nn.PixelShuffle(2)
+
+    def forward(self, image: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Map the iterate ``[N, 1, H2, W2]`` and ``cond`` ``[N, 2]`` to the next iterate."""
+        emb = self.embed(cond)
+        z = self.unshuffle(image)
+        c = cond.unsqueeze(-1).unsqueeze(-1).expand(-1, -1, z.shape[-2], z.shape[-1])
+        h0 = F.silu(self.head(torch.cat([z, c], dim=1)))
+        for b in self.enc0:
+            h0 = b(h0, emb)
+        h1 = F.silu(self.down(h0))
+        for b in self.mid:
+            h1 = b(h1, emb)
+        h = self.dec0(h0 + self.up(h1), emb)
+        return image + self.shuffle(self.tail(F.silu(h)))
+
+
+def band_project(x: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
+    """``Re(A+ A x)``: the part of ``x`` ``[..., H2, W2]`` in the acquired band (torch twin of the numpy loop)."""
+    return torch.fft.ifft2(torch.fft.fft2(x) * band).real
+
+
+def unrolled_restore(prior: PriorNet, x0: torch.Tensor, sigma_rel: torch.Tensor, band: torch.Tensor,
+                     iterations: int, step: float, tau: float, nonneg_rounds: int = 0) -> torch.Tensor:
+    """The loop of :func:`pipelines.lf2hf.infer.restore` in torch, for end-to-end training.
+
+    ``x0`` ``[N, 1, H2, W2]`` is the zero-filled ``Re(A+ y)``, ``sigma_rel``
+    ``[N]`` the estimated relative noise sigma, ``band`` the acquired band
+    (bool ``[H2, W2]``, unshifted FFT order). Kept line by line the same as
+    the numpy loop; the export test compares the two. Training runs it with
+    ``nonneg_rounds = 0``; the run-time loop adds
+    :data:`~pipelines.lf2hf.infer.RESTORE_NONNEG_ROUNDS` alternating
+    projections onto non-negative images and the data ball, which the
+    export check passes here too.
+    """
+    x = x0
+    lsig = torch.log10(sigma_rel.clamp_min(PRIOR_SIGMA_FLOOR) / PRIOR_SIGMA_REF)
+    for k in range(iterations):
+        if k:
+            x = x - step * (band_project(x, band) - x0)
+        t = torch.full_like(lsig, k / max(iterations - 1, 1))
+        x = prior(x, torch.stack([lsig, t], dim=1))
+    for j in range(1 + nonneg_rounds):
+        if j:
+            x = x.clamp_min(0.0)
+        r = band_project(x, band) - x0
+        rms = r.pow(2).mean(dim=(-2, -1), keepdim=True).sqrt()
+        shrink = (1.0 - tau * sigma_rel.view(-1, 1, 1, 1) / rms.clamp_min(1e-12)).clamp_min(0.0)
+        x = x - shrink * r
+    return x
