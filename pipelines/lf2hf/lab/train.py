@@ -26,13 +26,10 @@ training-slab slices and the onnxruntime-versus-torch check).
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,7 +46,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pipelines._lab import cpu_session, export_onnx  # noqa: E402
-from pipelines._training import step_with_ema  # noqa: E402
+from pipelines._training import step_with_ema, training_main  # noqa: E402
 from pipelines.lf2hf.lab.net import SCALE, STRIDE, LF2HFNet, count_parameters  # noqa: E402
 from pipelines.lf2hf.lab.simulator import RESERVED_SEEDS, PairSampler, SlicePair  # noqa: E402
 from pipelines.lf2hf.preprocess import COND_DIM, COND_FIELD_REF_T, head_mask, normalisation_scale, prepare_slice  # noqa: E402
@@ -334,28 +331,16 @@ def export_checked(net: LF2HFNet, path: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: train, save the weights, export and check; 1 if the export disagrees."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=None)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
-    cfg = TrainConfig(seed=args.seed)
-    if args.steps is not None:
-        cfg.steps = args.steps
-    args.out.mkdir(parents=True, exist_ok=True)
-    net, log = train(cfg)
-    # The weights first, so that a failed export does not lose the run.
-    torch.save(net.state_dict(), args.out / STATE_NAME)
-    onnx_path = args.out / ONNX_NAME
-    diff = export_checked(net, onnx_path)
-    log["onnx_max_abs_diff"] = diff
-    log["onnx_bytes"] = onnx_path.stat().st_size
-    log["command"] = "python -m pipelines.lf2hf.lab.train " + " ".join(sys.argv[1:] if argv is None else argv)
-    (args.out / LOG_NAME).write_text(json.dumps(log, indent=2))
-    print(f"trained in {log['train_seconds']} s; wrote {onnx_path} ({log['onnx_bytes']} bytes)")
-    print(f"onnxruntime vs torch max abs diff (normalised intensity): {diff:.2e}")
-    return 0 if diff < 1e-3 else 1
+    return training_main(
+        argv,
+        module="pipelines.lf2hf.lab.train",
+        description=(__doc__ or "").split("\n")[0],
+        default_seed=1,
+        make_config=lambda seed: TrainConfig(seed=seed),
+        train=train,
+        export_checked=export_checked,
+        names=(STATE_NAME, ONNX_NAME, LOG_NAME),
+    )
 
 
 if __name__ == "__main__":

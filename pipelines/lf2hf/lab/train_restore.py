@@ -36,13 +36,10 @@ Writes ``DIR/lf2hf-dc.onnx``, ``DIR/lf2hf-dc.state.pt`` and
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,7 +52,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipelines._lab import cpu_session, export_onnx  # noqa: E402
-from pipelines._training import step_with_ema  # noqa: E402
+from pipelines._training import step_with_ema, training_main  # noqa: E402
 from pipelines.lf2hf.infer import (  # noqa: E402
     PRIOR_COND_DIM,
     RESTORE_ITERATIONS,
@@ -247,28 +244,17 @@ def export_checked(prior: PriorNet, path: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point: train, save, export and check; 1 if the export disagrees."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seed", type=int, default=2)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=None)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
-    cfg = TrainConfig(seed=args.seed)
-    if args.steps is not None:
-        cfg.steps = args.steps
-    args.out.mkdir(parents=True, exist_ok=True)
-    prior, log = train(cfg)
-    torch.save(prior.state_dict(), args.out / STATE_NAME)
-    onnx_path = args.out / ONNX_NAME
-    diff = export_checked(prior, onnx_path)
-    log["onnx_max_abs_diff"] = diff
-    log["onnx_bytes"] = onnx_path.stat().st_size
-    log["command"] = "python -m pipelines.lf2hf.lab.train_restore " + " ".join(sys.argv[1:] if argv is None else argv)
-    (args.out / LOG_NAME).write_text(json.dumps(log, indent=2))
-    print(f"trained in {log['train_seconds']} s; wrote {onnx_path} ({log['onnx_bytes']} bytes)")
-    print(f"onnxruntime loop vs torch loop max abs diff (normalised intensity): {diff:.2e}")
-    return 0 if diff < 1e-3 else 1
+    """Command-line entry point: train, save the weights, export and check; 1 if the export disagrees."""
+    return training_main(
+        argv,
+        module="pipelines.lf2hf.lab.train_restore",
+        description=(__doc__ or "").split("\n")[0],
+        default_seed=2,
+        make_config=lambda seed: TrainConfig(seed=seed),
+        train=train,
+        export_checked=export_checked,
+        names=(STATE_NAME, ONNX_NAME, LOG_NAME),
+    )
 
 
 if __name__ == "__main__":
