@@ -40,13 +40,21 @@ import signal
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.config import Config, GatewaySettings
 
-__all__ = ["ListenerPool", "shared_out"]
+if TYPE_CHECKING:
+    from gateway.index import Index
+    from gateway.ingest import Ingest
+    from gateway.metrics import Metrics
+    from gateway.scp import StorageSCP
+    from gateway.storage import DataDir
+
+__all__ = ["ListenerPool", "receive_path", "shared_out"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,45 @@ def shared_out(settings: GatewaySettings) -> GatewaySettings:
             "max_connections_per_address": -(-settings.max_connections_per_address // n),
         }
     )
+
+
+def receive_path(
+    config: Config,
+    gateway: GatewaySettings,
+    data: DataDir,
+    index: Index,
+    metrics: Metrics,
+    quiet_seconds: Callable[[dict[str, Any], str], float],
+) -> tuple[Ingest, StorageSCP]:
+    """The ingest and the DIMSE listener of one process, the gateway's or a listener process's.
+
+    ``gateway`` is ``config.gateway`` with this process's ports; each listener
+    takes its share of the caps (:func:`shared_out`).
+    """
+    from gateway.config import LatePolicy
+    from gateway.ingest import Ingest
+    from gateway.scp import StorageSCP
+
+    c = config.completion
+    ingest = Ingest(
+        gateway,
+        data,
+        index,
+        metrics,
+        quiet_seconds=quiet_seconds,
+        hint_quiet_seconds=c.hint_quiet_seconds,
+        reprocess_late=c.late_instances == LatePolicy.REPROCESS,
+    )
+    scp = StorageSCP(
+        shared_out(gateway),
+        data,
+        index,
+        metrics,
+        release_quiet_seconds=c.release_quiet_seconds if c.release_hint else None,
+        ingest=ingest,
+        abort_grace_seconds=c.abort_grace_seconds,
+    )
+    return ingest, scp
 
 
 @dataclass
@@ -200,12 +247,10 @@ def _listener_main(
 ) -> None:
     """A listener process: the receive path on the shared ports until told to stop or the gateway is gone."""
     from gateway import _logging
-    from gateway.config import LatePolicy, MetricsAuth, MetricsSettings
+    from gateway.config import MetricsAuth, MetricsSettings
     from gateway.index import Index
-    from gateway.ingest import Ingest
     from gateway.metrics import Metrics, MetricsServer
     from gateway.routing import Router
-    from gateway.scp import StorageSCP
     from gateway.storage import DataDir
 
     _logging.configure(config.logging.level, config.logging.format, config.logging.third_party_level)
@@ -218,24 +263,7 @@ def _listener_main(
     metrics = Metrics()
     # Only the routes' header conditions matter here (quiet periods); pipelines run elsewhere.
     router = Router(config.routes, {}, {}, default_quiet_seconds=config.completion.series_timeout_seconds)
-    ingest = Ingest(
-        gw,
-        data,
-        index,
-        metrics,
-        quiet_seconds=router.quiet_seconds,
-        hint_quiet_seconds=config.completion.hint_quiet_seconds,
-        reprocess_late=config.completion.late_instances == LatePolicy.REPROCESS,
-    )
-    scp = StorageSCP(
-        shared_out(gw),
-        data,
-        index,
-        metrics,
-        release_quiet_seconds=config.completion.release_quiet_seconds if config.completion.release_hint else None,
-        ingest=ingest,
-        abort_grace_seconds=config.completion.abort_grace_seconds,
-    )
+    ingest, scp = receive_path(config, gw, data, index, metrics, router.quiet_seconds)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the gateway decides

@@ -19,16 +19,14 @@ from typing import TYPE_CHECKING
 
 from gateway import __version__
 from gateway.completion import Completer
-from gateway.config import Config, LatePolicy, MetricsAuth
+from gateway.config import Config, MetricsAuth
 from gateway.index import Index, JobState, SendState
-from gateway.ingest import Ingest
 from gateway.jobs import JobRunner, LocalExecutor
-from gateway.listeners import ListenerPool, shared_out
+from gateway.listeners import ListenerPool, receive_path
 from gateway.metrics import Metrics, MetricsServer, dependency_checks
 from gateway.models import ModelRegistry
 from gateway.plugins import PluginSet, discover
 from gateway.routing import Router
-from gateway.scp import StorageSCP
 from gateway.scu import Sender
 from gateway.storage import DataDir
 
@@ -123,26 +121,9 @@ class Gateway:
 
             raise ConfigError("\n".join(problems))
         # One ingest for every transport (DESIGN invariant 6); each listener maps its refusals.
-        self.ingest = Ingest(
-            config.gateway,
-            self.data,
-            self.index,
-            self.metrics,
-            quiet_seconds=self.router.quiet_seconds,
-            hint_quiet_seconds=config.completion.hint_quiet_seconds,
-            reprocess_late=config.completion.late_instances == LatePolicy.REPROCESS,
-        )
         # With more listener processes, this one takes its share of the caps like each of them.
-        self.scp = StorageSCP(
-            shared_out(config.gateway),
-            self.data,
-            self.index,
-            self.metrics,
-            release_quiet_seconds=(
-                config.completion.release_quiet_seconds if config.completion.release_hint else None
-            ),
-            ingest=self.ingest,
-            abort_grace_seconds=config.completion.abort_grace_seconds,
+        self.ingest, self.scp = receive_path(
+            config, config.gateway, self.data, self.index, self.metrics, self.router.quiet_seconds
         )
         self.listeners: ListenerPool | None = None
         if config.gateway.listener_count() > 1:
