@@ -121,9 +121,7 @@ class Condition(_Strict):
 
     @model_validator(mode="after")
     def _one_operator(self) -> Condition:
-        ops = [
-            n for n in ("equals", "one_of", "regex", "range", "exists") if getattr(self, n) is not None
-        ]
+        ops = [n for n in ("equals", "one_of", "regex", "range", "exists") if getattr(self, n) is not None]
         if len(ops) != 1:
             raise ValueError(
                 "a condition needs exactly one of equals, one_of, regex, range, exists"
@@ -499,6 +497,17 @@ class DicomWebToken(_Strict):
     _ae = field_validator("source")(lambda cls, v: _check_ae(v))
 
 
+class DicomWebCertificate(_Strict):
+    """A client certificate (mutual TLS) that authenticates as a source, like a token."""
+
+    common_name: str = Field(min_length=1, description="the subject CN of the client's certificate")
+    source: str = Field(
+        description="source name recorded as the instances' calling AE title: routes' calling_ae and [gateway] allow_ae"
+    )
+
+    _ae = field_validator("source")(lambda cls, v: _check_ae(v))
+
+
 class DicomWebSettings(_Strict):
     """The DICOMweb STOW-RS receiver (PS3.18 10.5): ``POST /studies``, in the service's process."""
 
@@ -510,6 +519,15 @@ class DicomWebSettings(_Strict):
     anonymous_source: str = Field(default="ANONYMOUS", description="source name of anonymous requests")
     tls_cert: Path | None = Field(default=None, description="PEM certificate: serve HTTPS (with tls_key)")
     tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert")
+    tls_ca_file: Path | None = Field(
+        default=None, description="CA bundle (PEM): a client certificate must chain to it (mutual TLS)"
+    )
+    require_client_cert: bool = Field(
+        default=False, description="refuse a TLS handshake without a client certificate from tls_ca_file"
+    )
+    certificates: list[DicomWebCertificate] = Field(
+        default_factory=list, description="client certificates (by subject CN) accepted instead of a token"
+    )
     max_request_bytes: int = Field(
         default=8 * 1024**3, ge=1024, description="a larger request body is refused with 413, nothing stored"
     )
@@ -523,11 +541,21 @@ class DicomWebSettings(_Strict):
     def _usable(self) -> DicomWebSettings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
-        if self.enabled and not self.tokens and not self.allow_anonymous:
-            raise ValueError("enabled without tokens would refuse every request: add tokens or allow_anonymous")
+        if self.tls_ca_file is not None and self.tls_cert is None:
+            raise ValueError("tls_ca_file needs tls_cert and tls_key: client certificates need HTTPS")
+        if (self.require_client_cert or self.certificates) and self.tls_ca_file is None:
+            raise ValueError("require_client_cert and certificates need tls_ca_file, the CA clients chain to")
+        if self.enabled and not self.tokens and not self.certificates and not self.allow_anonymous:
+            raise ValueError(
+                "enabled without tokens or certificates would refuse every request: "
+                "add tokens, certificates or allow_anonymous"
+            )
         hashes = [t.sha256 for t in self.tokens]
         if len(set(hashes)) != len(hashes):
             raise ValueError("tokens: the same sha256 twice")
+        names = [c.common_name for c in self.certificates]
+        if len(set(names)) != len(names):
+            raise ValueError("certificates: the same common_name twice")
         return self
 
 

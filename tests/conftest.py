@@ -21,6 +21,7 @@ from pydicom import Dataset
 
 # Orthanc lives with the viewer harness; the tests keep importing it from here.
 from gateway.apps.viewer import Orthanc, Viewer, free_port
+from tests.pki import PKI, make_pki
 from tests.services import ExternalServer, PostgresServer, RabbitMQServer, Server, ServiceError
 
 if TYPE_CHECKING:
@@ -225,6 +226,13 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("models")
     build_model(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    """The throw-away CA and certificates of tests/pki.py, for the TLS tests."""
+    need("openssl")
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

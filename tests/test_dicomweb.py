@@ -26,8 +26,10 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from gateway.config import ConfigError, load_config
 from gateway.dicomweb import FAILURE_REASON_FOR_REFUSAL, FailureReason, hash_token
 from gateway.dicomweb.multipart import MultipartError, MultipartParser, PartData, PartEnd, PartStart
+from gateway.dicomweb.server import common_name
 from gateway.ingest import RefusalReason
 from tests.conftest import REPO, GatewayProcess, Orthanc, free_port, mr_series, wait_for
+from tests.pki import PKI
 
 TOKEN = "stow-test-token-0123456789"
 OTHER_TOKEN = "a-token-of-a-source-not-in-allow-ae"
@@ -81,19 +83,24 @@ def stow(
     study: str | None = None,
     content_type: str | None = None,
     timeout: float = 120,
-    tls_ca: Path | None = None,
+    tls_ca: Path | str | None = None,
+    client_cert: tuple[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    """POST a STOW-RS request with http.client (HTTPS trusting ``tls_ca``); an iterable body goes chunked."""
+    """POST a STOW-RS request with http.client; an iterable body goes chunked.
+
+    With ``tls_ca``: HTTPS trusting that CA, presenting ``client_cert`` (certificate, key) if given.
+    """
     headers = {"Content-Type": content_type or f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    conn = (
-        http.client.HTTPSConnection(
-            "127.0.0.1", port, timeout=timeout, context=ssl.create_default_context(cafile=str(tls_ca))
-        )
-        if tls_ca
-        else http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    )
+    conn: http.client.HTTPConnection
+    if tls_ca:
+        context = ssl.create_default_context(cafile=str(tls_ca))
+        if client_cert is not None:
+            context.load_cert_chain(*client_cert)
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=context)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         path = "/studies" + (f"/{study}" if study else "")
         conn.request("POST", path, body=body, headers=headers, encode_chunked=not isinstance(body, bytes))
@@ -198,8 +205,16 @@ def test_failure_reason_table_matches_conformance_statement() -> None:
 def test_config_validates_the_dicomweb_section(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text("[dicomweb]\nenabled = true\n")
-    with pytest.raises(ConfigError, match="tokens or allow_anonymous"):
+    with pytest.raises(ConfigError, match="add tokens, certificates or allow_anonymous"):
         load_config(cfg, environ={})
+    for body, message in [
+        ('tls_ca_file = "ca.pem"\nallow_anonymous = true\n', "tls_ca_file needs tls_cert"),
+        ("require_client_cert = true\nallow_anonymous = true\n", "need tls_ca_file"),
+        ('allow_anonymous = true\n[[dicomweb.certificates]]\ncommon_name = "c"\nsource = "RIS"\n', "need tls_ca_file"),
+    ]:
+        cfg.write_text("[dicomweb]\nenabled = true\n" + body)
+        with pytest.raises(ConfigError, match=message):
+            load_config(cfg, environ={})
     cfg.write_text('[dicomweb]\nenabled = true\n[[dicomweb.tokens]]\nsource = "RIS"\nsha256 = "secret"\n')
     with pytest.raises(ConfigError, match=r"dicomweb.tokens\[0\].sha256"):
         load_config(cfg, environ={})
@@ -444,6 +459,80 @@ def test_https_with_the_configured_certificate(tmp_path: Path, models_dir: Path)
         assert gw.index().find_instance(sop_uid(f)) is not None
     finally:
         gw.stop()
+
+
+@pytest.mark.peers
+def test_client_certificates_authenticate_as_their_configured_source(
+    tmp_path: Path, models_dir: Path, pki: PKI
+) -> None:
+    """Mutual TLS: a certificate from the CA whose CN is configured is a source; others are refused.
+
+    ``client`` (CN "client", from the CA) is mapped to SCANNER; ``server`` is from
+    the same CA but not mapped (403); ``stranger`` is from another CA (handshake
+    refused); without a certificate the bearer token still works, and with neither
+    the answer is 401. Orthanc's DICOMweb plugin, with the client certificate, is
+    a second client.
+    """
+    port = free_port()
+    toml = (
+        dicomweb_toml(port, tls_cert=pki["server.pem"], tls_key=pki["server.key"], tls_ca_file=pki["ca.pem"])
+        + '[[dicomweb.certificates]]\ncommon_name = "client"\nsource = "SCANNER"\n'
+    )
+    gw = GatewayProcess(tmp_path / "gw", models_dir, toml, gateway={"allow_ae": ["RIS", "SCANNER"]}).start()
+    try:
+        a, b, c, d, *by_orthanc = mr_series(tmp_path / "src", n=6, seed=57)
+        code, _, body = stow(port, multipart([a.read_bytes()]), token=None, tls_ca=pki["ca.pem"],
+                             client_cert=(pki["client.pem"], pki["client.key"]))  # fmt: skip
+        assert code == 200, body
+        row = gw.index().find_instance(sop_uid(a))
+        assert row is not None and row.calling_ae == "SCANNER", "the certificate's source is the calling AE"
+
+        code, _, body = stow(port, multipart([b.read_bytes()]), token=None, tls_ca=pki["ca.pem"],
+                             client_cert=(pki["server.pem"], pki["server.key"]))  # fmt: skip
+        assert code == 403, body
+        with pytest.raises((ssl.SSLError, ConnectionError)):  # the handshake refuses a certificate of another CA
+            stow(port, multipart([c.read_bytes()]), token=None, tls_ca=pki["ca.pem"],
+                 client_cert=(pki["stranger.pem"], pki["stranger.key"]))  # fmt: skip
+        code, _, body = stow(port, multipart([c.read_bytes()]), token=None, tls_ca=pki["ca.pem"])
+        assert code == 401, body
+        code, _, body = stow(port, multipart([d.read_bytes()]), tls_ca=pki["ca.pem"])
+        assert code == 200, body
+        row = gw.index().find_instance(sop_uid(d))
+        assert row is not None and row.calling_ae == "RIS", "a token still decides without a certificate"
+        index = gw.index()
+        assert index.find_instance(sop_uid(b)) is None and index.find_instance(sop_uid(c)) is None
+        assert http_count(gw, 403) == 1 and http_count(gw, 401) == 1
+
+        server = {
+            "Url": f"https://127.0.0.1:{port}/",
+            "CertificateFile": pki["client.pem"],
+            "CertificateKeyFile": pki["client.key"],
+        }
+        orthanc = Orthanc(
+            tmp_path / "orthanc",
+            dicomweb=True,
+            dicomweb_config={"Servers": {"aigw": server}},
+            extra_config={"HttpsCACertificates": pki["ca.pem"], "HttpsVerifyPeers": True},
+        ).start()
+        try:
+            study = orthanc.upload(by_orthanc)[0]["ParentStudy"]
+            code, body = _orthanc_post(orthanc, "/dicom-web/servers/aigw/stow", {"Resources": [study]})
+            assert code == 200, body[:500]
+        finally:
+            orthanc.stop(graceful=False)
+        for f in by_orthanc:
+            row = gw.index().find_instance(sop_uid(f))
+            assert row is not None and row.calling_ae == "SCANNER"
+            assert dataset_bytes(Path(row.path)) == dataset_bytes(f)
+    finally:
+        gw.stop()
+
+
+def test_common_name_is_the_subject_s_only_cn() -> None:
+    assert common_name({"subject": ((("organizationName", "H"),), (("commonName", "ris"),))}) == "ris"
+    assert common_name({"subject": ((("commonName", "a"),), (("commonName", "b"),))}) is None
+    assert common_name({"subject": ((("organizationName", "H"),),)}) is None
+    assert common_name({}) is None
 
 
 # ------------------------------------------------------- large and crash

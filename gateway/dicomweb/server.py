@@ -1,10 +1,12 @@
 """The DICOMweb HTTP server: STOW-RS routes, bearer authentication, uvicorn in the service's process.
 
-Identity works as for DIMSE: each configured token names a source, which
-ingest records as the instance's calling AE, so routes' ``calling_ae`` and
+Identity works as for DIMSE: each configured token, or client certificate
+(mutual TLS, by its subject's common name), names a source, which ingest
+records as the instance's calling AE, so routes' ``calling_ae`` and
 ``[gateway] allow_ae`` / ``allow_hosts`` apply to both transports. Tokens are
 configured only as their SHA-256 and compared with
-:func:`hmac.compare_digest` (RFC 6750 bearer tokens).
+:func:`hmac.compare_digest` (RFC 6750 bearer tokens). HTTPS uses the same
+BCP 195 context as the DICOM TLS port (:func:`gateway.tls.server_context`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import ipaddress
 import json
 import logging
 import socket
+import ssl
 import threading
 from email.message import Message
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -25,11 +29,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as AsgiMessage
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from gateway.config import DicomWebSettings, GatewaySettings
+from gateway.config import DicomWebSettings, GatewaySettings, ListenerTLS
 from gateway.ingest import Ingest, Source, Transport
 from gateway.metrics import Metrics
 from gateway.storage import DataDir
+from gateway.tls import server_context
 from gateway.uids import InvalidUID, checked_uid
 
 from .store import DICOM_JSON, DICOM_MEDIA_TYPE, RequestRefused, ingest_parts, receive_parts, store_response
@@ -39,6 +45,8 @@ __all__ = ["DicomWebServer", "hash_token"]
 log = logging.getLogger(__name__)
 
 _STOP_GRACE_SECONDS = 5  # requests still running at stop get this long, then are cancelled (files removed)
+#: Where a request's verified client certificate's subject CN sits in its ASGI scope.
+_CLIENT_CN = "aigw.client_common_name"
 
 
 def hash_token(token: str) -> str:
@@ -64,6 +72,38 @@ class _CountResponses:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+def common_name(peercert: dict[str, Any]) -> str | None:
+    """The subject's one commonName of a verified peer certificate (:meth:`ssl.SSLSocket.getpeercert`).
+
+    A subject with no or several common names authenticates as nobody, rather
+    than as whichever of them happened to come first.
+    """
+    names = [value for rdn in peercert.get("subject", ()) for key, value in rdn if key == "commonName"]
+    return names[0] if len(names) == 1 else None
+
+
+class _ClientCertificateH11(H11Protocol):
+    """uvicorn's h11 protocol that puts the verified client certificate's CN in each request's scope.
+
+    uvicorn does not fill the ASGI TLS extension, and the certificate is known
+    only to the transport, so each connection (one protocol instance) wraps the
+    app it hands its requests to. Only ``connection_made`` is overridden.
+    """
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peercert")  # {} or None unless the handshake verified one
+        name = common_name(peer) if peer else None
+        if name is not None:
+            inner = self.app
+
+            async def app(scope: Scope, receive: Receive, send: Send) -> None:
+                scope.setdefault("extensions", {})[_CLIENT_CN] = name
+                await inner(scope, receive, send)
+
+            self.app = app
 
 
 def _error(status: int, detail: str, close: bool = False, headers: dict[str, str] | None = None) -> Response:
@@ -100,6 +140,19 @@ class DicomWebServer:
         self.data = data
         self.metrics = metrics
         self._tokens = [(t.sha256.encode("ascii"), t.source) for t in settings.tokens]
+        self._certificates = {c.common_name: c.source for c in settings.certificates}
+        self._ssl: ssl.SSLContext | None = None
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            # Built here, so that an unusable file fails the start with its key named.
+            self._ssl = server_context(
+                ListenerTLS(
+                    cert_file=settings.tls_cert,
+                    key_file=settings.tls_key,
+                    ca_file=settings.tls_ca_file,
+                    require_client_cert=settings.require_client_cert,
+                ),
+                section="dicomweb",
+            )
         self._networks = [ipaddress.ip_network(h, strict=False) for h in gateway.allow_hosts]
         routes = [
             Route("/studies", self._stow, methods=["POST"]),
@@ -136,14 +189,13 @@ class DicomWebServer:
         self.port = int(sock.getsockname()[1])
         config = uvicorn.Config(
             self.app,
-            http="h11",
+            http=_ClientCertificateH11,
             ws="none",
             lifespan="off",
             log_config=None,  # the service configures logging; a library never does
             access_log=False,  # paths carry study UIDs; requests are logged by outcome instead
             server_header=False,
-            ssl_certfile=str(s.tls_cert) if s.tls_cert else None,
-            ssl_keyfile=str(s.tls_key) if s.tls_key else None,
+            ssl_context_factory=None if self._ssl is None else self._use_context,
             timeout_graceful_shutdown=_STOP_GRACE_SECONDS,
         )
         self._server = uvicorn.Server(config)
@@ -159,7 +211,7 @@ class DicomWebServer:
         if not self._server.started:
             self.stop()
             raise RuntimeError(f"DICOMweb server on {s.host}:{self.port} did not start")
-        scheme = "https" if s.tls_cert else "http"
+        scheme = "https" if self._ssl else "http"
         log.info("DICOMweb STOW-RS on %s://%s:%d/studies", scheme, s.host, self.port)
         return self.port
 
@@ -176,13 +228,26 @@ class DicomWebServer:
     def is_up(self) -> bool:
         return self._server is not None and self._server.started and not self._server.should_exit
 
+    def _use_context(self, config: uvicorn.Config, default: object) -> ssl.SSLContext:
+        assert self._ssl is not None
+        return self._ssl
+
     # ---------------------------------------------------------------- requests
     def _authenticate(self, request: Request) -> str | Response:
-        """The source name of the request's bearer token, or the 401/403 answer (RFC 6750 3)."""
+        """The request's source name, or the 401/403 answer (RFC 6750 3).
+
+        A bearer token decides when one is sent; otherwise a verified client
+        certificate whose CN is configured; otherwise the anonymous source if allowed.
+        """
         s = self.settings
         header = request.headers.get("authorization")
+        client_cn = request.scope.get("extensions", {}).get(_CLIENT_CN)
         source: str | None = None
-        if header is None:
+        if header is None and client_cn is not None:
+            source = self._certificates.get(client_cn)
+            if source is None:
+                return _error(403, "this client certificate is not in [[dicomweb.certificates]]", True)
+        elif header is None:
             if not s.allow_anonymous:
                 return _error(401, "authentication required", True, {"WWW-Authenticate": 'Bearer realm="aigw"'})
             source = s.anonymous_source
