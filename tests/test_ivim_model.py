@@ -24,7 +24,15 @@ from pipelines.ivim.infer import (
     SegmentedLsqEstimator,
     select_method,
 )
-from pipelines.ivim.lab.bench import abs_spearman, nrmse
+from pipelines.ivim.lab.bench import (
+    NRMSE_KEYS,
+    TISSUE_RATIO_MAX,
+    TISSUE_RATIO_TARGET,
+    TissueResult,
+    abs_spearman,
+    nrmse,
+    tissue_benchmark,
+)
 from pipelines.ivim.lab.calibration import (
     SD_PARAMS,
     auroc,
@@ -254,3 +262,49 @@ def test_select_method() -> None:
         select_method("net")
     with pytest.raises(ValueError, match="unknown IVIM method"):
         select_method("bayes")
+
+
+#: Voxels per body tissue in the tests (12 tissues, about 3 s with the fits).
+TISSUE_TEST_VOXELS = 1000
+
+
+@pytest.fixture(scope="module")
+def tissues(net: IvimNetEstimator) -> TissueResult:
+    """The body-tissue benchmark on the unit-test seed (the card's figures use the benchmark seed)."""
+    return tissue_benchmark(net, SegmentedLsqEstimator(), FullLsqEstimator(), TISSUE_TEST_VOXELS, MODEL_TEST_SEED)
+
+
+@pytest.mark.parametrize("key", NRMSE_KEYS)
+def test_body_tissues_median_nrmse_against_best_lsq_meets_the_card(tissues: TissueResult, key: str) -> None:
+    got = tissues.ratio[key]
+    assert got <= TISSUE_RATIO_MAX[key], f"median {key} net / best LSQ = {got:.3f} > {TISSUE_RATIO_MAX[key]}"
+
+
+def test_net_beats_the_best_lsq_fit_on_every_body_tissue(tissues: TissueResult) -> None:
+    worse = {
+        f"{name} {k}": round(row["net"][k] / row["best-lsq"][k], 3)
+        for name, row in tissues.per_tissue.items()
+        for k in NRMSE_KEYS
+        if row["net"][k] >= row["best-lsq"][k]
+    }
+    assert len(tissues.per_tissue) == 12
+    assert not worse, f"net / best LSQ >= 1: {worse}"
+
+
+# Issue 15 asks for half the best least-squares NRMSE on each parameter. The
+# exported model reaches it for D* only (model card, "Body tissues"); the
+# strict expected failures flag a model that meets it for D or f.
+TISSUE_TARGET_NOT_MET = {
+    "nrmse_d": "D: median net / best LSQ 0.66 in the card",
+    "nrmse_f": "f: median net / best LSQ 0.62 in the card",
+}
+
+
+@pytest.mark.parametrize("key", NRMSE_KEYS)
+def test_body_tissues_median_nrmse_is_half_the_best_lsq(
+    request: pytest.FixtureRequest, tissues: TissueResult, key: str
+) -> None:
+    if key in TISSUE_TARGET_NOT_MET:
+        request.applymarker(pytest.mark.xfail(reason=TISSUE_TARGET_NOT_MET[key], strict=True))
+    got = tissues.ratio[key]
+    assert got <= TISSUE_RATIO_TARGET, f"median {key} net / best LSQ = {got:.3f} > {TISSUE_RATIO_TARGET}"

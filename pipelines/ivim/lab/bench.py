@@ -5,7 +5,8 @@ Usage::
     python -m pipelines.ivim.lab.bench [--model exported_models/ivim-net.onnx]
         [--retrain-seeds 5] [--retrain-steps N] [--voxels 10000]
         [--json-out FILE] [--manifest exported_models/ivim-net.json
-        --train-log DIR/ivim-net.train.json]
+        --train-log DIR/ivim-net.train.json] [--tissue-voxels 5000]
+    python -m pipelines.ivim.lab.bench --tissues [--tissue-voxels 5000]
 
 Setting A: the fixed protocol b = {0, 5, 10, 20, 30, 40, 60, 150, 300, 500,
 700} s/mm², D ~ U[0.5, 3]e-3 mm²/s, f ~ U[0.05, 0.55], D* ~ U[0.01, 0.1]
@@ -24,6 +25,12 @@ The same with b up to 1200 s/mm² is reported at SNR 20.
 Uncertainty (:func:`uncertainty_report`): coverage of the network's 90 %
 intervals at SNR 10, 20, 50, overall and per quartile of the true value, and
 the AUROC of its standard deviations for voxels outside the training ranges.
+
+Body tissues (:func:`tissue_report`, alone with ``--tissues``): twelve body
+tissues of :mod:`pipelines.ivim.lab.tissues`, each with literature-like
+ranges of D, f, D* and a clinical protocol of its own, Rician noise at SNR 20,
+``--tissue-voxels`` voxels each; NRMSE per tissue of the network and both
+least-squares fits, and the median over tissues against the best fit.
 
 Throughput (:func:`throughput`): voxels per second of the network and of both
 least-squares fits on one thread in the same run, and their ratios.
@@ -91,6 +98,7 @@ from pipelines.ivim.lab.signal import (  # noqa: E402
     sample_random_protocol,
     simulate_protocol,
 )
+from pipelines.ivim.lab.tissues import BODY_TISSUES, TISSUE_SNR, BodyTissue, simulate_tissue  # noqa: E402
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
@@ -118,6 +126,20 @@ SPEED_REPEATS: int = 3
 #: SNR of the out-of-range (AUROC) check, and the AUROC it must reach.
 OUTSIDE_SNRS: tuple[int, ...] = (10, 20, 50)
 AUROC_MIN: float = 0.7
+#: The NRMSE figures of the tissue benchmark.
+NRMSE_KEYS: tuple[str, ...] = ("nrmse_d", "nrmse_f", "nrmse_dstar")
+#: Issue 15's target on body tissues: the median NRMSE over tissues of each
+#: of D, f, D* at most this times that of the best least-squares fit.
+TISSUE_RATIO_TARGET: float = 0.5
+#: What the model card states and the tests check for the same ratio. The
+#: exported model misses the target for D (0.66) and f (0.62) and meets it for
+#: D* (0.27); these limits are its figures plus about 0.06, four standard
+#: deviations of the ratio over seeds with the tests' 1,000 voxels a tissue
+#: (D 0.015, f 0.012, D* 0.008); a model 10 % worse in D or f (20 % in D*) fails.
+TISSUE_RATIO_MAX: dict[str, float] = {"nrmse_d": 0.72, "nrmse_f": 0.68, "nrmse_dstar": 0.33}
+#: Voxels per tissue: the least-squares fits are vectorised (lsq-full about
+#: 9,000 voxels/s on one thread), so the twelve tissues take about 20 s.
+TISSUE_VOXELS: int = 5000
 DEFAULT_MODEL = Path("exported_models/ivim-net.onnx")
 #: Version of the exported model (2: protocol-conditioned network with uncertainty).
 MODEL_VERSION = "2.0.0"
@@ -293,6 +315,126 @@ def throughput(
     return rates
 
 
+@dataclass
+class TissueResult:
+    """NRMSE of each estimator on each body tissue, and the summary the target is judged on.
+
+    Attributes
+    ----------
+    per_tissue : dict
+        ``{tissue: {method: {nrmse key: value}}}`` for the methods ``net``,
+        ``lsq-segmented``, ``lsq-full`` and ``best-lsq`` (per parameter the
+        lower of the two fits on that tissue).
+    best_method : dict
+        ``{tissue: {nrmse key: "lsq-segmented" or "lsq-full"}}``: which fit
+        ``best-lsq`` took.
+    median : dict
+        ``{method: {nrmse key: median over tissues}}``, same methods.
+    ratio : dict
+        ``{nrmse key: median net / median best-lsq}``: the figure of the
+        target.
+    """
+
+    per_tissue: dict[str, dict[str, dict[str, float]]]
+    best_method: dict[str, dict[str, str]]
+    median: dict[str, dict[str, float]]
+    ratio: dict[str, float]
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the figures as a JSON-friendly dict."""
+        return {
+            "per_tissue": self.per_tissue,
+            "best_lsq_method": self.best_method,
+            "median": self.median,
+            "median_ratio_net_over_best_lsq": self.ratio,
+        }
+
+
+def tissue_benchmark(
+    net: IvimEstimator,
+    seg: IvimEstimator,
+    full: IvimEstimator,
+    n: int = TISSUE_VOXELS,
+    seed: int = BENCH_TEST_SEED,
+    tissues: tuple[BodyTissue, ...] = BODY_TISSUES,
+) -> TissueResult:
+    """Score the network and both least-squares fits on body tissues, each on its own protocol.
+
+    ``n`` voxels per tissue from ``numpy.random.default_rng([seed, 10, i])``
+    (``i`` the tissue's index in ``tissues``), uniform in the tissue's ranges,
+    Rician noise at SNR 20 (:func:`~pipelines.ivim.lab.tissues.simulate_tissue`).
+    The three estimators see the same voxels. The best least-squares fit is
+    taken per tissue and parameter, so its median over tissues is no higher
+    than either fit's: the strictest reading of the target.
+    """
+    per: dict[str, dict[str, dict[str, float]]] = {}
+    best_method: dict[str, dict[str, str]] = {}
+    lsq = ("lsq-segmented", "lsq-full")
+    for i, tissue in enumerate(tissues):
+        sig, d, f, dstar = simulate_tissue(np.random.default_rng([seed, 10, i]), tissue, n)
+        truth = Truth(d, f, dstar)
+        row = {}
+        for name, est in (("net", net), (lsq[0], seg), (lsq[1], full)):
+            m = score(est.fit(sig, tissue.protocol), truth)
+            row[name] = {k: m[k] for k in NRMSE_KEYS}
+        best_method[tissue.name] = {k: min(lsq, key=lambda name: row[name][k]) for k in NRMSE_KEYS}
+        row["best-lsq"] = {k: row[best_method[tissue.name][k]][k] for k in NRMSE_KEYS}
+        per[tissue.name] = row
+    median = {
+        name: {k: float(np.median([per[t][name][k] for t in per])) for k in NRMSE_KEYS}
+        for name in ("net", *lsq, "best-lsq")
+    }
+    ratio = {k: median["net"][k] / median["best-lsq"][k] for k in NRMSE_KEYS}
+    return TissueResult(per, best_method, median, ratio)
+
+
+def tissue_checks(result: TissueResult) -> list[tuple[str, bool]]:
+    """The issue's target and the tested threshold of the model card, one check per parameter."""
+    checks = []
+    for k in NRMSE_KEYS:
+        r = result.ratio[k]
+        for limit, what in ((TISSUE_RATIO_TARGET, "issue target"), (TISSUE_RATIO_MAX[k], "tested threshold")):
+            checks.append((f"tissues: median {k} net / best LSQ = {r:.3f} <= {limit} ({what})", r <= limit))
+    return checks
+
+
+def tissue_report(
+    net: IvimEstimator, seg: IvimEstimator, full: IvimEstimator, n: int, seed: int = BENCH_TEST_SEED
+) -> tuple[TissueResult, list[tuple[str, bool]]]:
+    """Run :func:`tissue_benchmark` and print the tissues, the per-tissue table and the medians."""
+    result = tissue_benchmark(net, seg, full, n, seed)
+    short = {"lsq-segmented": "seg", "lsq-full": "full"}
+    print(f"## Body tissues, each on its own protocol (Rician noise, SNR {TISSUE_SNR:g})\n")
+    print(f"Test seed {seed}, {n} voxels per tissue, parameters uniform in the ranges; D, D* in 1e-3 mm2/s.\n")
+    print("| tissue | D | f | D* | b-values (s/mm2) |")
+    print("|---|---|---|---|---|")
+    for t in BODY_TISSUES:
+        r = t.ranges
+        print(
+            f"| {t.name} | {r.d[0] * 1e3:g}-{r.d[1] * 1e3:g} | {r.f[0]:g}-{r.f[1]:g} "
+            f"| {r.dstar[0] * 1e3:g}-{r.dstar[1] * 1e3:g} | {', '.join(f'{b:g}' for b in t.bvalues)} |"
+        )
+    print("\nNRMSE of D / f / D*; best LSQ is the lower of the two fits per tissue and parameter.\n")
+    print("| tissue | net | lsq-segmented | lsq-full | best LSQ | net / best LSQ |")
+    print("|---|---|---|---|---|---|")
+
+    def cells(m: dict[str, float]) -> str:
+        return " / ".join(f"{m[k]:.3f}" for k in NRMSE_KEYS)
+
+    for name, row in result.per_tissue.items():
+        best = " / ".join(f"{row['best-lsq'][k]:.3f} {short[result.best_method[name][k]]}" for k in NRMSE_KEYS)
+        ratio = " / ".join(f"{row['net'][k] / row['best-lsq'][k]:.2f}" for k in NRMSE_KEYS)
+        lsq = f"{cells(row['lsq-segmented'])} | {cells(row['lsq-full'])}"
+        print(f"| {name} | {cells(row['net'])} | {lsq} | {best} | {ratio} |")
+    med = result.median
+    ratio = " / ".join(f"{result.ratio[k]:.3f}" for k in NRMSE_KEYS)
+    print(
+        f"| **median** | {cells(med['net'])} | {cells(med['lsq-segmented'])} | {cells(med['lsq-full'])} "
+        f"| {cells(med['best-lsq'])} | {ratio} |\n"
+    )
+    return result, tissue_checks(result)
+
+
 def _retrain(seeds: list[int], steps: int | None, out_dir: Path) -> list[Path]:
     """Return model paths for ``seeds``, training (sequentially) those missing."""
     from pipelines.ivim.lab.train import TrainConfig  # torch only when training
@@ -434,8 +576,20 @@ def write_manifest(model: Path, manifest: Path, metrics: dict[str, Any], train_l
             "speed_ratio_min_vs_lsq_full": SPEED_RATIO_MIN,
             "coverage_90_range": list(COVERAGE_RANGE),
             "outside_auroc_min": AUROC_MIN,
+            "tissues_median_ratio_target": TISSUE_RATIO_TARGET,
+            "tissues_median_ratio_max": dict(TISSUE_RATIO_MAX),
         },
     )
+
+
+def _print_checks(checks: list[tuple[str, bool]]) -> bool:
+    """Print one PASS/FAIL line per check and the overall verdict; True if all pass."""
+    print("\n## Checks\n")
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {text}")
+    all_ok = all(ok for _, ok in checks)
+    print(f"\nOVERALL: {'PASS' if all_ok else 'FAIL'}")
+    return all_ok
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -449,13 +603,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--manifest", type=Path, default=None)
     p.add_argument("--train-log", type=Path, default=None)
+    p.add_argument("--tissues", action="store_true", help="run only the body-tissue benchmark")
+    p.add_argument("--tissue-voxels", type=int, default=TISSUE_VOXELS, help="voxels per body tissue")
     args = p.parse_args(argv)
     if args.manifest is not None and args.train_log is None:
         p.error("--manifest needs --train-log")
+    if args.tissues and (args.manifest is not None or args.retrain_seeds != p.get_default("retrain_seeds")):
+        p.error("--tissues runs the tissue benchmark only: no --manifest or --retrain-seeds")
     n = args.voxels
     net = IvimNetEstimator(cpu_session(args.model, threads=1))
     seg, full = SegmentedLsqEstimator(), FullLsqEstimator()
     print(f"model {args.model} sha256 {sha256_file(args.model)}")
+    if args.tissues:
+        print(f"onnxruntime CPU, 1 thread; LSQ bounds: {LSQ_BOUNDS}\n")
+        tissue_result, tissue_only = tissue_report(net, seg, full, args.tissue_voxels)
+        all_ok = _print_checks(tissue_only)
+        if args.json_out is not None:
+            out = tissue_result.as_dict() | {"test_seed": BENCH_TEST_SEED, "voxels_per_tissue": args.tissue_voxels}
+            args.json_out.write_text(json.dumps(out, indent=2) + "\n")
+        return 0 if all_ok else 1
     print(f"test seed {BENCH_TEST_SEED}; {n} voxels per SNR and noise type; onnxruntime CPU, 1 thread")
     print(f"LSQ bounds: {LSQ_BOUNDS}\n")
 
@@ -581,6 +747,10 @@ def main(argv: list[str] | None = None) -> int:
     results["uncertainty"] = unc
     checks += unc_checks
 
+    tissue_result, tissue_only = tissue_report(net, seg, full, args.tissue_voxels)
+    results["tissues"] = tissue_result.as_dict() | {"voxels_per_tissue": args.tissue_voxels}
+    checks += tissue_only
+
     rates = throughput(net, seg, full)
     results["voxels_per_second_1_thread"] = rates
     ratio_full = rates["net"] / rates["lsq-full"]
@@ -597,11 +767,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nSpread over seeds: {steps_note}.")
         results["seeds_note"] = steps_note
 
-    print("\n## Checks\n")
-    for text, ok in checks:
-        print(f"{'PASS' if ok else 'FAIL'}  {text}")
-    all_ok = all(ok for _, ok in checks)
-    print(f"\nOVERALL: {'PASS' if all_ok else 'FAIL'}")
+    all_ok = _print_checks(checks)
     results["checks"] = [{"check": t, "pass": ok} for t, ok in checks]
     results["test_seed"] = BENCH_TEST_SEED
     results["voxels_per_snr"] = n
@@ -621,6 +787,7 @@ def main(argv: list[str] | None = None) -> int:
             "setting_b": results["setting_b"],
             "setting_b1200": results["setting_b1200"],
             "uncertainty": results["uncertainty"],
+            "tissues": results["tissues"],
             "voxels_per_second_1_thread": rates,
             "speed_ratio": results["speed_ratio"],
             "seeds_note": steps_note,
