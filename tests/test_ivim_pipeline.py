@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -16,12 +18,15 @@ from pydicom import Dataset, dcmread
 from gateway.contract import Geometry, Identity, InputError, Instance, RunContext, Series
 from gateway.headers import routing_headers
 from gateway.uids import derived_uid
-from pipelines._derived import DerivedImage, derived_mr_image
+from pipelines._derived import DerivedImage, derived_mr_image, derived_mr_images
 from pipelines._lab import cpu_session
+from pipelines.ivim import dicom as ivim_dicom
+from pipelines.ivim.dicom import PARAMETERS, parametric_maps, parametric_maps_by_highdicom
+from pipelines.ivim.infer import fit_maps
 from pipelines.ivim.lab.synthetic import TISSUES, make_dwi_study
 from pipelines.ivim.options import IvimMethod, IvimOptions
 from pipelines.ivim.pipeline import IvimPipeline
-from pipelines.ivim.preprocess import load_dwi
+from pipelines.ivim.preprocess import background_mask, load_dwi
 from tests.conftest import REPO, GatewayProcess, Orthanc, need, storescu, wait_for
 
 MODEL_PATH = REPO / "exported_models" / "ivim-net.onnx"
@@ -402,3 +407,91 @@ def test_end_to_end_maps_arrive_in_orthanc(
     assert modalities.count("MR") == 7 and len(modalities) == 14
     described = {str(tags.get("SeriesDescription", "")).split()[1] for tags in series}
     assert {"D_SD", "DSTAR_SD", "F_SD"} <= described
+
+
+# Parametric Maps built once per series (issue 15: the maps at PACS within the quiet period + 3 s).
+
+#: Set by highdicom when it builds an object, so they differ between any two builds of one map.
+_CREATION_TIMES = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime")
+
+
+def _round_trip(ds: Dataset) -> Dataset:
+    """``ds`` as a receiver reads it from its file."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return dcmread(io.BytesIO(buf.getvalue()))
+
+
+def _as_received(ds: Dataset) -> Dataset:
+    """``ds`` as a receiver reads it from its file, less the date and time it was built."""
+    back = _round_trip(ds)
+    for keyword in _CREATION_TIMES:
+        if keyword in back:
+            delattr(back, keyword)
+    for item in back.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            del item.ContributionDateTime
+    return back
+
+
+@pytest.mark.parametrize("enhanced", [False, True], ids=["classic", "enhanced"])
+@pytest.mark.parametrize("descending", [False, True], ids=["ascending", "descending"])
+def test_every_parametric_map_equals_the_one_highdicom_builds_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, enhanced: bool, descending: bool
+) -> None:
+    study = make_dwi_study(tmp_path / "in", seed=9, size=24, slices=3, directions=2, enhanced=enhanced)
+    volume = load_dwi(as_series(study.paths))
+    if descending:
+        # Slices given from head to feet: highdicom sorts the frames, and every map must follow it.
+        volume = dataclasses.replace(
+            volume, signals=volume.signals[::-1], geometry=volume.geometry[::-1], sources=volume.sources[::-1]
+        )
+    ctx = context()
+    maps = fit_maps(volume, background_mask(volume, 0.08), "net", ctx, uncertainty=True)
+    lookup = ivim_dicom._standard_utils.is_attribute_in_iod
+    built = 0
+    construct = hd.pm.ParametricMap.__init__
+
+    def counted(self: hd.pm.ParametricMap, *args: Any, **kwargs: Any) -> None:
+        nonlocal built
+        built += 1
+        construct(self, *args, **kwargs)
+
+    monkeypatch.setattr(hd.pm.ParametricMap, "__init__", counted)
+    ours = parametric_maps(volume, maps, ctx, "test")
+    assert built == 1, "highdicom's constructor runs once per series, not once per map"
+    assert ivim_dicom._standard_utils.is_attribute_in_iod is lookup, "highdicom's own look-up is restored"
+    # The reference: each map built by highdicom, without the cached IOD look-ups.
+    theirs = parametric_maps_by_highdicom(volume, maps, ctx, "test")
+    assert len(ours) == len(theirs) == 7
+    frames = [frame for _, _, frame, *_ in pm_frames(ours)]
+    assert len(frames) == 7 * 3 and all(f.shape == (24, 24) for f in frames)
+    for mine, reference in zip(ours, theirs):
+        a, b = _as_received(mine), _as_received(reference)
+        assert a.file_meta == b.file_meta
+        differing = sorted(
+            {e.keyword for e in a if e.tag not in b or b[e.tag] != e} | {e.keyword for e in b if e.tag not in a}
+        )
+        assert not differing, (a.SeriesDescription, differing)
+        assert a == b
+
+
+def test_derived_mr_images_of_one_slice_equal_each_one_built_alone(maps_study: tuple[Any, list[Dataset]]) -> None:
+    src = dcmread(maps_study[0].paths[0])
+    src.SpecificCharacterSet = "ISO_IR 192"  # copied text must keep its bytes and its meaning
+    src.PatientName = "Иванов^Иван"
+    first_slice = [ds for ds in maps_study[1] if ds.Modality == "MR" and int(ds.InstanceNumber) == 1]
+    images = [_derived_image_like(ds) for ds in first_slice]
+    images[0] = dataclasses.replace(images[0], scale=PARAMETERS[0].scale(), comments="quality: fine")
+    images[1] = dataclasses.replace(images[1], description="another series", window=(100.0, 0.5))
+    ctx = context()
+    together = derived_mr_images(src, ctx, images)
+    assert len(together) == len(images) == 7
+    for mine, img in zip(together, images):
+        a, b = _round_trip(mine), _round_trip(derived_mr_image(src, ctx, img))
+        assert a.file_meta == b.file_meta
+        assert a == b, a.SeriesDescription
+        assert str(a.PatientName) == "Иванов^Иван"
+    moved = dataclasses.replace(images[1], geometry=dataclasses.replace(images[1].geometry, position=(0.0, 0.0, 1.0)))
+    with pytest.raises(ValueError, match="same geometry"):
+        derived_mr_images(src, ctx, [images[0], moved])

@@ -15,6 +15,10 @@
 ``bench``
     ``python -m pipelines.ivim.lab.bench``: the held-out benchmark against
     least squares, and the manifest writer;
+``bayes``
+    ``python -m pipelines.ivim.lab.bayes``: the grid posterior-mean
+    (Bayes-optimal) reference for settings A and B, the floor no estimator
+    beats on the benchmark's priors;
 ``synthetic``
     abdominal DWI phantom studies written as DICOM (demo, tests);
 ``preview``
