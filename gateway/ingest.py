@@ -44,18 +44,17 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import _STORAGE_CLASSES  # type: ignore[attr-defined]
 
 from gateway.completion import count_hint, is_slide, slide_pyramid_complete
 from gateway.config import GatewaySettings
-from gateway.headers import routing_headers
+from gateway.headers import read_header, routing_headers
 from gateway.index import GroupCommitter, Index, InstanceRecord, Recorded, RecordOutcome
 from gateway.metrics import Metrics
 from gateway.storage import DataDir, install_file, sha256_file
-from gateway.structure import MalformedDataSet, check_structure, read_file_meta
+from gateway.structure import FileMeta, MalformedDataSet, check_structure, read_file_meta
 from gateway.uids import InvalidUID, checked_uid
 
 __all__ = [
@@ -289,10 +288,10 @@ def _raw(ds: Dataset, keyword: str) -> object:
     return value.decode("ascii", "replace") if isinstance(value, bytes) else value
 
 
-def _read_header(path: Path) -> Dataset:
-    """Parse the header up to Pixel Data (the structure is already checked, see :mod:`gateway.structure`)."""
+def _read_header(path: Path, meta: FileMeta) -> Dataset:
+    """Parse the header up to Pixel Data, values left raw (its structure is checked: :mod:`gateway.structure`)."""
     try:
-        return dcmread(path, stop_before_pixels=True)
+        return read_header(path, meta.transfer_syntax, meta.data_set_offset)
     except Exception as exc:  # pydicom raises a variety of errors on garbage
         raise _Refusal(
             RefusalReason.CANNOT_UNDERSTAND, f"data set cannot be decoded ({type(exc).__name__})"
@@ -382,7 +381,6 @@ class Ingest:
         self._quiet_seconds = quiet_seconds
         self._hint_quiet = hint_quiet_seconds
         self._reprocess_late = reprocess_late
-        self._owns_writer = committer is None
         self._writer = committer if committer is not None else GroupCommitter(index)
         self._started = False
         self._locks = _UidLocks(data.root / "locks")
@@ -404,8 +402,6 @@ class Ingest:
             return
         self._writer.stop()
         self._started = False
-        if self._owns_writer:
-            self._writer = GroupCommitter(self.index)  # a thread starts only once
 
     def receive(self, received: Received, source: Source) -> IngestResult:
         """Store one received instance durably and index it, or refuse it.
@@ -539,7 +535,7 @@ class Ingest:
             check_structure(tmp, meta, max_inflated_bytes=s.max_instance_bytes)
         except MalformedDataSet as exc:
             raise _Refusal(RefusalReason.CANNOT_UNDERSTAND, f"data set is malformed: {exc}") from None
-        ds = _read_header(tmp)
+        ds = _read_header(tmp, meta)
         study_uid = _uid(_raw(ds, "StudyInstanceUID"), "StudyInstanceUID")
         series_uid = _uid(_raw(ds, "SeriesInstanceUID"), "SeriesInstanceUID")
         sop_uid = _uid(_raw(ds, "SOPInstanceUID"), "SOPInstanceUID")

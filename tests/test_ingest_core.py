@@ -9,21 +9,36 @@ chunked dataset path leaves it.
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
 import pytest
+import sqlalchemy as sa
 from pydicom import dcmread
+from pydicom.data import get_charset_files, get_testdata_files
 from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+)
 
 import gateway.ingest
 from gateway.config import GatewaySettings
-from gateway.index import Index, RecordOutcome
+from gateway.headers import read_header, routing_headers
+from gateway.index import GroupCommitter, Index, InstanceRecord, Recorded, RecordOutcome
 from gateway.ingest import (
     STORAGE_SOP_CLASSES,
     TRANSFER_SYNTAXES,
@@ -39,7 +54,9 @@ from gateway.metrics import STORE_OUTCOMES, Metrics
 from gateway.scp import STATUS_FOR_REFUSAL
 from gateway.status import StorageStatus
 from gateway.storage import DataDir
+from gateway.structure import MalformedDataSet, read_file_meta
 from tests.conftest import mr_series
+from tests.fuzz.corpus import malformed_datasets, valid_datasets
 
 SCANNER = Source(Transport.DIMSE, "SCANNER", "127.0.0.1")
 
@@ -351,3 +368,256 @@ def test_the_scp_negotiates_exactly_what_ingest_understands() -> None:
 
     assert set(STORAGE_SOP_CLASSES) == {str(u) for u in _STORAGE_CLASSES.values()}
     assert list(TRANSFER_SYNTAXES) == [str(ts) for ts in ALL_TRANSFER_SYNTAXES]
+
+
+# ------------------------------------------------------------ the header parse
+def _old_header_parse(path: Path) -> tuple[dict[str, Any], dict[str, object], str]:
+    """What ingest took from a file before the lean parse: ``dcmread``, every value converted by pydicom."""
+    ds = dcmread(path, stop_before_pixels=True)
+    raw = {kw: gateway.ingest._raw(ds, kw) for kw in _IDENTITY}  # raw bytes first: conversion replaces them
+    ds.walk(lambda _ds, _elem: None)  # converts every element, nested ones too
+    return routing_headers(ds), raw, str(ds.get("Modality", "") or "")
+
+
+def _new_header_parse(path: Path) -> tuple[dict[str, Any], dict[str, object], str]:
+    meta = read_file_meta(path)
+    ds = read_header(path, meta.transfer_syntax, meta.data_set_offset)
+    raw = {kw: gateway.ingest._raw(ds, kw) for kw in _IDENTITY}
+    return routing_headers(ds), raw, str(ds.get("Modality", "") or "")
+
+
+_IDENTITY = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+def _header_test_files(tmp_path: Path) -> list[Path]:
+    """Every DICOM file of the test data and the fuzz corpus, valid and malformed.
+
+    pydicom's test data: vendors' files, implicit, explicit and big endian,
+    deflate, enhanced multi-frame, and its character set files (ISO 2022
+    with escapes, GB18030, UTF-8, Cyrillic, Hebrew, Arabic, Greek...).
+    """
+    files = [Path(f) for f in [*get_testdata_files(), *get_charset_files()] if Path(f).is_file()]
+    for i, payload in enumerate([*valid_datasets().values(), *malformed_datasets(depths=(1000,)).values()]):
+        p = tmp_path / f"corpus-{i}.dcm"
+        p.write_bytes(payload)
+        files.append(p)
+    return sorted(files)
+
+
+@pytest.mark.filterwarnings("ignore")  # pydicom warns about many odd values of its test files
+def test_routing_headers_fast_path_matches_pydicom(tmp_path: Path) -> None:
+    """The lean header parse gives exactly the old values: routing headers as indexed (JSON), identity UIDs, modality.
+
+    Old: ``dcmread(stop_before_pixels=True)`` with every element converted by
+    pydicom. New: :func:`gateway.headers.read_header` with values converted
+    by the fast path where it applies. Where the old parse failed, the new
+    one must fail too (ingest refuses the instance either way).
+    """
+    compared, charsets, syntaxes, mismatches = 0, set(), set(), []
+    for path in _header_test_files(tmp_path):
+        try:
+            meta = read_file_meta(path)
+        except MalformedDataSet:
+            continue  # no File Meta Information: ingest refuses it before any parse
+        try:
+            old = _old_header_parse(path)
+        except Exception:
+            try:
+                _new_header_parse(path)
+                mismatches.append(f"{path.name} (read only by the new parse)")
+            except Exception:
+                pass
+            continue
+        new = _new_header_parse(path)
+        compared += 1
+        # The index stores the headers as this JSON text; it tells 1 from 1.0 and "1" from 1.
+        as_json = (json.dumps(old[0], sort_keys=True, default=str), json.dumps(new[0], sort_keys=True, default=str))
+        if as_json[0] != as_json[1] or old[1:] != new[1:]:
+            mismatches.append(path.name)
+        charsets.add(str(old[0].get("SpecificCharacterSet")))
+        syntaxes.add(meta.transfer_syntax)
+    assert mismatches == []
+    assert compared > 200
+    # The comparison covered what the fast path must get right, not just plain ASCII explicit VR files.
+    encodings = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
+    assert encodings <= syntaxes
+    assert len(charsets) > 10
+
+
+def test_routing_headers_fast_path_converts_like_pydicom() -> None:
+    """Values at the fast path's edges (padding, empty parts, odd numbers, non-ASCII text) come out as pydicom's."""
+    from pydicom.dataset import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = Dataset()
+    ds.ImageType = ["ORIGINAL", "", " PRIMARY "]
+    ds.ProtocolName = "T2  "
+    ds.StationName = "  AE  "
+    ds.SliceThickness = " 3.50"
+    ds.RepetitionTime = "1e3"
+    ds.EchoTime = "nan"
+    ds.ImagePositionPatient = ["-1", "+2.5", ".5"]
+    ds.SeriesNumber = " 7 "
+    ds.InstanceNumber = "1.0"  # an IS pydicom reads as 1
+    ds.AcquisitionNumber = "9" * 13  # beyond the fast path's 12 digits
+    ds.Rows = 4
+    ds.WindowCenter = ["", "40"]
+    ds.FrameOfReferenceUID = "1.2.3 "
+    ds.add_new(0x00191010, "DS", "1000")
+    ds.add_new(0x00191011, "US", [1, 2, 3])
+    ds.add_new(0x00191012, "FL", 0.5)
+    ds.add_new(0x00191013, "LO", "x" * 257)
+    charsets = (
+        ("ISO_IR 100", "Kopf \xfc"),
+        ("ISO_IR 192", "\u982d\u90e8 MR"),
+        (["", "ISO 2022 IR 87"], "\u982d\u90e8 MR"),  # written with escape sequences
+        ("GB18030", "\u5934\u90e8"),
+    )
+    for charset, text in charsets:
+        ds.SpecificCharacterSet = charset
+        ds.SeriesDescription = text
+        ds.StudyDescription = "ASCII in " + str(charset)
+        for implicit, little in ((True, True), (False, True), (False, False)):
+            buf = DicomBytesIO()
+            buf.is_implicit_VR, buf.is_little_endian = implicit, little
+            write_dataset(buf, ds)
+            data = buf.getvalue()
+            fresh = read_dataset(io.BytesIO(data), implicit, little)
+            converted = read_dataset(io.BytesIO(data), implicit, little)
+            converted.walk(lambda _ds, _elem: None)
+            expected = routing_headers(converted)
+            assert expected["SeriesDescription"] == text  # the case is what it claims to be
+            assert json.dumps(routing_headers(fresh), sort_keys=True) == json.dumps(expected, sort_keys=True), (
+                charset,
+                implicit,
+                little,
+            )
+
+
+# ------------------------------------------------------------ the arrival path
+def _arrivals(index: Index, root: Path) -> list[list[Recorded]]:
+    """Store, duplicate, conflict, a second series, a late instance after completion: every branch of _record."""
+
+    def rec(sop: str, series: str, sha: str, expected: int | None = None) -> InstanceRecord:
+        return InstanceRecord(
+            sop, series, "1.2.3", MRImageStorage, ExplicitVRLittleEndian, root / f"{sop}.dcm", 100, sha, "SENDER",
+            "MR", {"Modality": "MR", "InstanceNumber": 1}, expected,
+        )  # fmt: skip
+
+    out = [
+        index.record_batch([(rec("1.2.3.1", "1.2.3.10", "a" * 64, 3), 100.0, 5.0, True)]),
+        index.record_batch(
+            [
+                (rec("1.2.3.1", "1.2.3.10", "a" * 64), 101.0, 5.0, True),  # duplicate
+                (rec("1.2.3.1", "1.2.3.10", "b" * 64), 102.0, 5.0, True),  # conflict
+                (rec("1.2.3.2", "1.2.3.10", "c" * 64), 103.0, 5.0, True),
+                (rec("1.2.3.3", "1.2.3.11", "d" * 64), 104.0, 5.0, True),
+            ]
+        ),
+    ]
+    index.hint_complete(["1.2.3.10"], now=105.0, within=0.0, cause="hint")
+    assert index.mark_routed("1.2.3.10", 1, [], now=106.0, completed_by="hint") is not None
+    out.append(index.record_batch([(rec("1.2.3.4", "1.2.3.10", "e" * 64), 300.0, 5.0, True)]))
+    return out
+
+
+def _tables(index: Index) -> dict[str, list[tuple[Any, ...]]]:
+    from gateway.index.schema import conflicts_t, instances_t, series_t
+
+    with index._ro() as conn:
+        return {
+            t.name: sorted(tuple(r) for r in conn.execute(sa.select(*[c for c in t.columns if c.name != "id"])))
+            for t in (instances_t, series_t, conflicts_t)
+        }
+
+
+def test_arrival_statements_on_the_sqlite_cursor_write_what_sqlalchemy_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The arrival path's statements run on SQLite's own cursor (prepared once) and write the same rows and
+    outcomes as SQLAlchemy's execution of them."""
+    from gateway.index import instances
+
+    fast = Index(f"sqlite:///{tmp_path / 'fast.sqlite'}")
+    fast_out = _arrivals(fast, tmp_path)
+    prepared = [v for v in vars(instances).values() if isinstance(v, instances._Prepared)]
+    assert len(prepared) >= 6
+    assert all(p._compiled and None not in p._compiled.values() for p in prepared if p._compiled)
+    assert fast.find_instance("1.2.3.1") is not None and fast.find_instance("1.2.3.9") is None
+
+    monkeypatch.setattr(instances._Prepared, "_sqlite", lambda self, conn, keys: None)
+    slow = Index(f"sqlite:///{tmp_path / 'slow.sqlite'}")
+    assert _arrivals(slow, tmp_path) == fast_out
+    assert [r.outcome for r in fast_out[1]] == [
+        RecordOutcome.DUPLICATE,
+        RecordOutcome.CONFLICT,
+        RecordOutcome.STORED,
+        RecordOutcome.STORED,
+    ]
+    assert _tables(slow) == _tables(fast)
+    assert fast.find_instance("1.2.3.1") == slow.find_instance("1.2.3.1")
+
+
+class _CountingIndex:
+    """``record_batch`` that takes a while (like a WAL fsync), counts its transactions and fails one UID."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.lock = threading.Lock()
+
+    def record_batch(self, items: Any) -> list[Recorded]:
+        uids = [rec.sop_instance_uid for rec, *_ in items]
+        if "bad" in uids:
+            raise ValueError("a row the database refuses")
+        time.sleep(0.005)
+        with self.lock:
+            self.batches.append(uids)
+        return [Recorded(RecordOutcome.STORED, int(uid.rsplit(".", 1)[1])) for uid in uids]
+
+
+def test_group_commit_shares_transactions_and_every_handler_gets_its_own_outcome() -> None:
+    """Concurrent handlers commit together, on their own threads; each gets its row's outcome once it is committed;
+    a row that fails is retried alone and fails only its own handler."""
+    index = _CountingIndex()
+    committer = GroupCommitter(index, max_batch=8)  # type: ignore[arg-type]
+
+    def rec(uid: str) -> InstanceRecord:
+        return InstanceRecord(
+            uid, "1.2.3.10", "1.2.3", MRImageStorage, ExplicitVRLittleEndian, Path("x"), 1, "a", "A", "MR", {}
+        )
+
+    committer.record(rec("1.2.3.1"), now=0.0, quiet_seconds=1.0, reprocess_late=True)
+    assert index.batches == [["1.2.3.1"]]  # not started: a plain transaction
+    committer.start()
+    outcomes: dict[str, Any] = {}
+    committed_before: dict[str, bool] = {}
+
+    def handler(i: int) -> None:
+        uid = "bad" if i == 13 else f"1.2.3.{i}"
+        try:
+            res = committer.record(rec(uid), now=0.0, quiet_seconds=1.0, reprocess_late=True)
+            with index.lock:
+                committed_before[uid] = any(uid in b for b in index.batches)
+            outcomes[uid] = res.instance_count
+        except ValueError as exc:
+            outcomes[uid] = exc
+
+    threads = [threading.Thread(target=handler, args=(i,)) for i in range(100, 160)] + [
+        threading.Thread(target=handler, args=(13,))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    assert {u: v for u, v in outcomes.items() if u != "bad"} == {f"1.2.3.{i}": i for i in range(100, 160)}
+    assert isinstance(outcomes["bad"], ValueError)
+    assert all(committed_before.values()) and len(committed_before) == 60  # answered only once committed
+    stored = [u for b in index.batches[1:] for u in b]
+    assert sorted(stored) == sorted(f"1.2.3.{i}" for i in range(100, 160))  # each exactly once
+    assert len(index.batches) - 1 < 60  # transactions were shared
+    assert max(len(b) for b in index.batches) <= 8
+    committer.stop()
+    committer.record(rec("1.2.3.2"), now=0.0, quiet_seconds=1.0, reprocess_late=True)
+    assert index.batches[-1] == ["1.2.3.2"]

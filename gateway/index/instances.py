@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -114,6 +112,7 @@ class InstanceRow:
 # The arrival path's statements, built once: on the hot path SQLAlchemy then
 # only binds parameters (building a statement per instance cost more than running it).
 _SELECT_INSTANCE = sa.select(instances_t.c.sha256).where(instances_t.c.sop_instance_uid == sa.bindparam("uid"))
+_FIND_INSTANCE = sa.select(instances_t).where(instances_t.c.sop_instance_uid == sa.bindparam("uid"))
 _SELECT_SERIES = sa.select(series_t).where(series_t.c.series_uid == sa.bindparam("uid"))
 _INSERT_CONFLICT = conflicts_t.insert()
 _INSERT_SERIES = series_t.insert()
@@ -140,14 +139,76 @@ _UPDATE_SERIES = (
 )
 
 
+class _Prepared:
+    """An arrival statement compiled once per dialect; on SQLite run on the transaction's own DBAPI cursor.
+
+    SQLAlchemy's execution (context, events, result objects) cost more than
+    SQLite's own work for these small statements, five per instance on the
+    C-STORE path: measured on SQLite, ``record_batch`` took 0.39 ms of CPU per
+    instance with 4 in a transaction and ``find_instance`` 0.22 ms; run on the
+    cursor, 0.20 and 0.07 ms. On SQLite the statement is compiled
+    once for the given columns and run with ``cursor.execute`` on the DBAPI
+    connection of the same SQLAlchemy transaction (so BEGIN IMMEDIATE, the
+    commit and a rollback stay SQLAlchemy's); other databases keep
+    ``Connection.execute``. Only for statements to which SQLAlchemy would add
+    nothing (an INSERT's Python-side default or an UPDATE's onupdate of a
+    column not given): checked when compiled, else SQLAlchemy executes it.
+    """
+
+    def __init__(self, stmt: Any, table: sa.Table) -> None:
+        self.stmt = stmt
+        self.table = table
+        self._compiled: dict[tuple[str, ...], tuple[str, tuple[str, ...]] | None] = {}
+
+    def _sqlite(self, conn: Connection, keys: tuple[str, ...]) -> tuple[str, tuple[str, ...]] | None:
+        if keys not in self._compiled:
+            # What SQLAlchemy would add: an INSERT's Python-side defaults, an UPDATE's onupdate values.
+            filled = [
+                c
+                for c in self.table.columns
+                if c.key not in keys and ((self.stmt.is_insert and c.default) or (self.stmt.is_update and c.onupdate))
+            ]
+            compiled = self.stmt.compile(dialect=conn.dialect, column_keys=list(keys))
+            names = tuple(compiled.positiontup or ())
+            plain = not filled and set(names) <= set(keys)  # every bind is one of ours, by name
+            self._compiled[keys] = (compiled.string, names) if plain else None
+        return self._compiled[keys]
+
+    def run(self, conn: Connection, params: dict[str, Any]) -> dict[str, Any] | None:
+        """Execute with ``params``; the first row (as a column -> value dict) if it returns any, else None."""
+        prepared = self._sqlite(conn, tuple(params)) if conn.dialect.name == "sqlite" else None
+        if prepared is None:
+            result = conn.execute(self.stmt, params)
+            row = result.first() if result.returns_rows else None
+            return None if row is None else dict(row._mapping)
+        sql, names = prepared
+        cursor = conn.connection.cursor()
+        try:
+            cursor.execute(sql, [params[n] for n in names])
+            first = cursor.fetchone() if cursor.description else None
+            return None if first is None else dict(zip([d[0] for d in cursor.description], first))
+        finally:
+            cursor.close()
+
+
+_ARRIVAL_FIND_INSTANCE = _Prepared(_FIND_INSTANCE, instances_t)
+_ARRIVAL_SELECT_INSTANCE = _Prepared(_SELECT_INSTANCE, instances_t)
+_ARRIVAL_SELECT_SERIES = _Prepared(_SELECT_SERIES, series_t)
+_ARRIVAL_INSERT_CONFLICT = _Prepared(_INSERT_CONFLICT, conflicts_t)
+_ARRIVAL_INSERT_SERIES = _Prepared(_INSERT_SERIES, series_t)
+_ARRIVAL_INSERT_INSTANCE = _Prepared(_INSERT_INSTANCE, instances_t)
+_ARRIVAL_UPDATE_SERIES = _Prepared(_UPDATE_SERIES, series_t)
+
+
 class InstanceTable(IndexBase):
     """Arrival-stage reads and writes of ``instances``, ``series`` and ``conflicts``."""
 
     def find_instance(self, sop_uid: str) -> InstanceRow | None:
         """The stored instance with this SOPInstanceUID, if any (duplicate/conflict check)."""
         with self._ro() as conn:
-            row = conn.execute(sa.select(instances_t).where(instances_t.c.sop_instance_uid == sop_uid)).first()
-        return None if row is None else from_row(InstanceRow, row)
+            # Every C-STORE asks this: prepared once, as the arrival statements are.
+            row = _ARRIVAL_FIND_INSTANCE.run(conn, {"uid": sop_uid})
+        return None if row is None else InstanceRow(**row)
 
     def record_instance(
         self, rec: InstanceRecord, *, now: float, quiet_seconds: float, reprocess_late: bool
@@ -171,12 +232,12 @@ class InstanceTable(IndexBase):
         re-arms a receiving series' deadline; one that arrives after the
         series was routed starts a new version when ``reprocess_late``.
         """
-        existing = conn.execute(_SELECT_INSTANCE, {"uid": rec.sop_instance_uid}).first()
+        existing = _ARRIVAL_SELECT_INSTANCE.run(conn, {"uid": rec.sop_instance_uid})
         if existing is not None:
-            if existing.sha256 == rec.sha256:
+            if existing["sha256"] == rec.sha256:
                 return Recorded(RecordOutcome.DUPLICATE)
-            conn.execute(
-                _INSERT_CONFLICT,
+            _ARRIVAL_INSERT_CONFLICT.run(
+                conn,
                 {
                     "sop_instance_uid": rec.sop_instance_uid,
                     "path": str(rec.path),
@@ -187,11 +248,11 @@ class InstanceTable(IndexBase):
             )
             return Recorded(RecordOutcome.CONFLICT)
 
-        s = conn.execute(_SELECT_SERIES, {"uid": rec.series_uid}).first()
+        s = _ARRIVAL_SELECT_SERIES.run(conn, {"uid": rec.series_uid})
         if s is None:
             version, count, expected = 1, 1, rec.expected_instances
-            conn.execute(
-                _INSERT_SERIES,
+            _ARRIVAL_INSERT_SERIES.run(
+                conn,
                 {
                     "series_uid": rec.series_uid,
                     "study_uid": rec.study_uid,
@@ -209,36 +270,36 @@ class InstanceTable(IndexBase):
                 },
             )
         else:
-            count = s.instance_count + 1
-            expected = s.expected_instances or rec.expected_instances
+            count = s["instance_count"] + 1
+            expected = s["expected_instances"] or rec.expected_instances
             # Every column the statement sets, computed here: one statement, prepared once.
             values = {
                 "uid": rec.series_uid,
                 "last_arrival": now,
                 "instance_count": count,
-                "total_bytes": s.total_bytes + rec.size_bytes,
+                "total_bytes": s["total_bytes"] + rec.size_bytes,
                 "expected_instances": expected,
-                "state": s.state,
-                "version": s.version,
-                "deadline": s.deadline,
-                "completed_at": s.completed_at,
-                "completed_by": s.completed_by,
+                "state": s["state"],
+                "version": s["version"],
+                "deadline": s["deadline"],
+                "completed_at": s["completed_at"],
+                "completed_by": s["completed_by"],
             }
-            if s.state == SeriesState.RECEIVING.value:
+            if s["state"] == SeriesState.RECEIVING.value:
                 # A new instance re-arms the full quiet period (hints are re-checked later).
-                values.update(deadline=now + s.quiet_seconds, completed_by=None)
+                values.update(deadline=now + s["quiet_seconds"], completed_by=None)
             elif reprocess_late:
                 values.update(
                     state=SeriesState.RECEIVING.value,
-                    version=s.version + 1,
-                    deadline=now + s.quiet_seconds,
+                    version=s["version"] + 1,
+                    deadline=now + s["quiet_seconds"],
                     completed_at=None,
                     completed_by=None,
                 )
             version = int(values["version"])
-            conn.execute(_UPDATE_SERIES, values)
-        conn.execute(
-            _INSERT_INSTANCE,
+            _ARRIVAL_UPDATE_SERIES.run(conn, values)
+        _ARRIVAL_INSERT_INSTANCE.run(
+            conn,
             {
                 "sop_instance_uid": rec.sop_instance_uid,
                 "series_uid": rec.series_uid,
@@ -297,12 +358,35 @@ class InstanceTable(IndexBase):
         )
 
 
+_Arrival = tuple[InstanceRecord, float, float, bool]
+
+
+class _Queued:
+    """One instance waiting in :class:`GroupCommitter`: its arguments, then its outcome, or its turn to commit."""
+
+    __slots__ = ("args", "done", "error", "lead", "result", "wake")
+
+    def __init__(self, args: _Arrival) -> None:
+        self.args = args
+        self.wake = threading.Event()
+        self.done = False
+        self.lead = False  # set with ``wake`` when this owner is to commit what is queued
+        self.result: Recorded | None = None
+        self.error: BaseException | None = None
+
+
 class GroupCommitter:
-    """A single writer that records instances from every association in shared transactions.
+    """Records instances from every association in shared transactions, committed by the handlers themselves.
 
     Each C-STORE handler waits for its own row to be committed (acknowledged
-    still means durable), but concurrent handlers share one ``BEGIN IMMEDIATE``
-    and one fsync of the WAL instead of queueing for the write lock one by one.
+    still means durable). A handler that finds no commit under way commits
+    what is queued, its own row first, on its own thread; handlers arriving
+    meanwhile queue their rows and wait, and when that commit ends the first
+    of them commits everything queued by then in one transaction (leader and
+    followers). So concurrent handlers share one ``BEGIN IMMEDIATE`` and one
+    fsync of the WAL, and a lone association commits without handing each
+    row to a writer thread and back (two thread switches per instance; under
+    load, a wait for that thread to be scheduled).
 
     Parameters
     ----------
@@ -316,53 +400,74 @@ class GroupCommitter:
     def __init__(self, index: InstanceTable, max_batch: int = 64) -> None:
         self.index = index
         self.max_batch = max_batch
-        self._queue: queue.Queue[tuple[tuple[InstanceRecord, float, float, bool], Future[Recorded]] | None]
-        self._queue = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="aigw-index-writer", daemon=True)
+        self._lock = threading.Lock()
+        self._queue: list[_Queued] = []
+        self._committing = False  # a leader is committing; the rows queued meanwhile are its successors'
+        self._started = False
 
     def start(self) -> None:
-        """Start the writer thread; until then :meth:`record` commits each call alone."""
-        self._thread.start()
+        """Share transactions from now on; until then :meth:`record` commits each call alone."""
+        self._started = True
 
     def stop(self) -> None:
-        """Commit what is queued, then end the writer thread."""
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+        """Commit each later call alone; rows already queued are committed by their leaders as usual."""
+        self._started = False
 
     def record(self, rec: InstanceRecord, *, now: float, quiet_seconds: float, reprocess_late: bool) -> Recorded:
         """Record one instance; returns once its transaction has committed."""
-        if not self._thread.is_alive():  # not started (tools, tests): plain transaction
-            return self.index.record_batch([(rec, now, quiet_seconds, reprocess_late)])[0]
-        fut: Future[Recorded] = Future()
-        self._queue.put(((rec, now, quiet_seconds, reprocess_late), fut))
-        return fut.result()
+        args = (rec, now, quiet_seconds, reprocess_late)
+        if not self._started:  # tools, tests: plain transaction
+            return self.index.record_batch([args])[0]
+        mine = _Queued(args)
+        with self._lock:
+            self._queue.append(mine)
+            lead = not self._committing
+            self._committing = True
+        while not mine.done:
+            if not lead:
+                mine.wake.wait()
+                mine.wake.clear()
+                lead = mine.lead and not mine.done
+                continue
+            self._lead(mine)
+        if mine.error is not None:
+            raise mine.error
+        assert mine.result is not None
+        return mine.result
 
-    def _loop(self) -> None:
-        """Take what is queued (up to ``max_batch``) and commit it in one transaction."""
-        stopping = False
-        while not stopping:
-            first = self._queue.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < self.max_batch:
+    def _lead(self, mine: _Queued) -> None:
+        """Commit queued rows, batch after batch, until ``mine`` is done; then pass the lead on, or end it."""
+        try:
+            while not mine.done:
+                with self._lock:
+                    batch, self._queue[: self.max_batch] = self._queue[: self.max_batch], []
+                self._commit(batch)
+        finally:
+            with self._lock:
+                if self._queue:
+                    successor = self._queue[0]
+                    successor.lead = True
+                    successor.wake.set()
+                else:
+                    self._committing = False
+
+    def _commit(self, batch: list[_Queued]) -> None:
+        """Record ``batch`` in one transaction and wake its owners; a failed batch is retried row by row."""
+        try:
+            results = self.index.record_batch([q.args for q in batch])
+            for q, res in zip(batch, results):
+                q.result = res
+        except Exception:
+            # One bad row must not fail its neighbours: retry each alone.
+            log.exception("group commit of %d instance(s) failed; recording them one by one", len(batch))
+            for q in batch:
                 try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stopping = True
-                    break
-                batch.append(nxt)
-            try:
-                results = self.index.record_batch([args for args, _ in batch])
-                for (_, fut), res in zip(batch, results):
-                    fut.set_result(res)
-            except Exception:
-                # One bad row must not fail its neighbours: retry each alone.
-                log.exception("group commit of %d instance(s) failed; recording them one by one", len(batch))
-                for (rec, now, quiet, late), fut in batch:
-                    try:
-                        fut.set_result(self.index.record_batch([(rec, now, quiet, late)])[0])
-                    except Exception as exc:
-                        fut.set_exception(exc)
+                    q.result = self.index.record_batch([q.args])[0]
+                except Exception as exc:
+                    q.error = exc
+        finally:
+            for q in batch:  # every owner wakes, even if the leader's thread is being torn down
+                if q.result is None and q.error is None:
+                    q.error = RuntimeError("the group commit was interrupted")
+                q.done = True
+                q.wake.set()
