@@ -148,6 +148,7 @@ class Gateway:
         else:
             self.executor = LocalExecutor(self.runner, self.index, config, self.metrics)
         self.sender = Sender(config, self.index, self.metrics)
+        self.runner.sends_queued = self.sender.wake
         self.http: MetricsServer | None = None
         self._stopped = threading.Event()
         self.metrics.prime(__version__, list(self.plugins.available) + list(self.plugins.unavailable), dest_names)
