@@ -47,11 +47,16 @@ def _load(what: str, path: Path, load: Callable[[], None]) -> None:
         raise TLSSetupError(f"{what} = '{path}': cannot be used ({reason})") from None
 
 
-def server_context(settings: ListenerTLS, section: str = "gateway.tls") -> ssl.SSLContext:
+def server_context(
+    settings: ListenerTLS,
+    section: str = "gateway.tls",
+    keys: tuple[str, str, str] = ("cert_file", "key_file", "ca_file"),
+) -> ssl.SSLContext:
     """A listener's SSL context: our certificate, and client certificates checked against ``ca_file``.
 
-    ``section`` names the configuration table in error messages: the DICOM TLS
-    port (``gateway.tls``) and the DICOMweb port (``dicomweb``) share this context.
+    ``section`` and ``keys`` (certificate, key, CA) name the configuration in
+    error messages: the DICOM TLS port (``gateway.tls``) and the DICOMweb port
+    (``dicomweb``, whose keys are ``tls_cert``, ``tls_key``, ``tls_ca_file``) share this context.
 
     Raises
     ------
@@ -60,13 +65,13 @@ def server_context(settings: ListenerTLS, section: str = "gateway.tls") -> ssl.S
     """
     ctx = _harden(ssl.create_default_context(ssl.Purpose.CLIENT_AUTH))
     _load(
-        f"{section}.cert_file / key_file",
+        f"{section}.{keys[0]} / {keys[1]}",
         settings.cert_file,
         lambda: ctx.load_cert_chain(str(settings.cert_file), str(settings.key_file)),
     )
     if settings.ca_file is not None:
         ca = settings.ca_file
-        _load(f"{section}.ca_file", ca, lambda: ctx.load_verify_locations(cafile=str(ca)))
+        _load(f"{section}.{keys[2]}", ca, lambda: ctx.load_verify_locations(cafile=str(ca)))
         # A certificate is asked for; without require_client_cert a client may
         # still go without one, but one that does not verify fails the handshake.
         ctx.verify_mode = ssl.CERT_REQUIRED if settings.require_client_cert else ssl.CERT_OPTIONAL

@@ -152,6 +152,7 @@ class DicomWebServer:
                     require_client_cert=settings.require_client_cert,
                 ),
                 section="dicomweb",
+                keys=("tls_cert", "tls_key", "tls_ca_file"),
             )
         self._networks = [ipaddress.ip_network(h, strict=False) for h in gateway.allow_hosts]
         routes = [
