@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -153,14 +153,16 @@ class _Prepared:
     ``Connection.execute``. Only for statements to which SQLAlchemy would add
     nothing (an INSERT's Python-side default or an UPDATE's onupdate of a
     column not given): checked when compiled, else SQLAlchemy executes it.
+    The types' own bind and result conversions (``Float`` on SQLite, and any
+    converting type a column may get) are applied as SQLAlchemy applies them.
     """
 
     def __init__(self, stmt: Any, table: sa.Table) -> None:
         self.stmt = stmt
         self.table = table
-        self._compiled: dict[tuple[str, ...], tuple[str, tuple[str, ...]] | None] = {}
+        self._compiled: dict[tuple[str, ...], _Compiled | None] = {}
 
-    def _sqlite(self, conn: Connection, keys: tuple[str, ...]) -> tuple[str, tuple[str, ...]] | None:
+    def _sqlite(self, conn: Connection, keys: tuple[str, ...]) -> _Compiled | None:
         if keys not in self._compiled:
             # What SQLAlchemy would add: an INSERT's Python-side defaults, an UPDATE's onupdate values.
             filled = [
@@ -171,7 +173,18 @@ class _Prepared:
             compiled = self.stmt.compile(dialect=conn.dialect, column_keys=list(keys))
             names = tuple(compiled.positiontup or ())
             plain = not filled and set(names) <= set(keys)  # every bind is one of ours, by name
-            self._compiled[keys] = (compiled.string, names) if plain else None
+            returned = self.stmt.selected_columns if self.stmt.is_select else ()
+            results = tuple(c.type.result_processor(conn.dialect, None) for c in returned)
+            self._compiled[keys] = (
+                _Compiled(
+                    compiled.string,
+                    names,
+                    tuple(compiled.binds[n].type.bind_processor(conn.dialect) for n in names),
+                    results if any(results) else (),  # () when no column converts: rows are used as they come
+                )
+                if plain
+                else None
+            )
         return self._compiled[keys]
 
     def run(self, conn: Connection, params: dict[str, Any]) -> dict[str, Any] | None:
@@ -181,14 +194,30 @@ class _Prepared:
             result = conn.execute(self.stmt, params)
             row = result.first() if result.returns_rows else None
             return None if row is None else dict(row._mapping)
-        sql, names = prepared
         cursor = conn.connection.cursor()
         try:
-            cursor.execute(sql, [params[n] for n in names])
+            cursor.execute(prepared.sql, [_convert(f, params[n]) for n, f in zip(prepared.names, prepared.binds)])
             first = cursor.fetchone() if cursor.description else None
-            return None if first is None else dict(zip([d[0] for d in cursor.description], first))
+            if first is None:
+                return None
+            values = (_convert(f, v) for f, v in zip(prepared.results, first)) if prepared.results else first
+            return dict(zip([d[0] for d in cursor.description], values))
         finally:
             cursor.close()
+
+
+def _convert(processor: Callable[[Any], Any] | None, value: Any) -> Any:
+    return value if processor is None else processor(value)
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """A statement's SQLite text, its bind names in order and the types' conversions (None: none)."""
+
+    sql: str
+    names: tuple[str, ...]
+    binds: tuple[Callable[[Any], Any] | None, ...]
+    results: tuple[Callable[[Any], Any] | None, ...]
 
 
 _ARRIVAL_FIND_INSTANCE = _Prepared(_FIND_INSTANCE, instances_t)
