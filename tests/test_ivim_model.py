@@ -24,6 +24,7 @@ from pipelines.ivim.infer import (
     SegmentedLsqEstimator,
     select_method,
 )
+from pipelines.ivim.lab.bayes import bayes_estimators, fit_all, paired_excess, setting_a_blocks
 from pipelines.ivim.lab.bench import (
     NRMSE_KEYS,
     TISSUE_RATIO_MAX,
@@ -31,6 +32,7 @@ from pipelines.ivim.lab.bench import (
     TissueResult,
     abs_spearman,
     nrmse,
+    setting_b,
     tissue_benchmark,
 )
 from pipelines.ivim.lab.calibration import (
@@ -318,11 +320,7 @@ BAYES_TEST_POINTS = 20
 def test_bayes_reference_is_not_beaten_by_the_net_and_beats_lsq_full(net: IvimNetEstimator) -> None:
     # The posterior mean is the least-squares-optimal estimator, so a
     # reference that the network beats by more than sampling noise, or that
-    # does not beat the least-squares fit, is a broken reference. Imported
-    # here because this test was appended to a file others edit.
-    from pipelines.ivim.lab.bayes import bayes_estimators, fit_all, paired_excess, setting_a_blocks
-    from pipelines.ivim.lab.bench import setting_b
-
+    # does not beat the least-squares fit, is a broken reference.
     refs = bayes_estimators(20.0, BAYES_TEST_POINTS)
     blocks = setting_a_blocks(400, seed=MODEL_TEST_SEED) + setting_b(
         400, 20.0, NoiseType.GAUSSIAN, seed=MODEL_TEST_SEED
