@@ -83,6 +83,7 @@ __all__ = [
     "Selection",
     "Series",
     "SeriesInfo",
+    "WarmUpCapable",
     "derived_series_number",
     "derived_uid",
 ]
@@ -343,3 +344,17 @@ class DemoCapable(Protocol):
     """
 
     def demo_study(self, folder: Path, seed: int) -> Sequence[Path]: ...
+
+
+@runtime_checkable
+class WarmUpCapable(Protocol):
+    """Optional hook: load at start what a pipeline's first job would otherwise load.
+
+    ``warm_up()`` is called once per process after the pipeline's models have
+    been warmed up (``[models] warmup``), before any job: a place for tables
+    and caches that cost a first job noticeable time (highdicom's standard
+    tables, for example). It takes no series and must be quick; an exception
+    is logged and the first job pays instead.
+    """
+
+    def warm_up(self) -> None: ...

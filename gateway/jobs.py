@@ -40,7 +40,7 @@ from pydicom import Dataset
 
 from gateway._loop import PeriodicLoop
 from gateway.config import Config, DeviceClass
-from gateway.contract import Identity, InputError, Pipeline, RunContext
+from gateway.contract import Identity, InputError, Pipeline, RunContext, WarmUpCapable
 from gateway.index import Index, OutputRow
 from gateway.metrics import Metrics
 from gateway.models import ModelRegistry, TimedSession
@@ -184,13 +184,24 @@ class JobRunner:
         """
         if not self.config.models.warmup:
             return {}
-        names: list[str] = []
+        batches: dict[str, int] = {}
         for name, pipeline in sorted(self.pipelines.items()):
             try:
-                names.extend(s.name for s in pipeline.models())
+                for spec in pipeline.models():
+                    # At the batch size jobs will use, so that ONNX Runtime sizes its buffers now.
+                    size = self.config.models.batch_sizes.get(spec.name, spec.batch_size)
+                    batches[spec.name] = max(batches.get(spec.name, 1), size)
             except Exception as exc:
                 log.warning("pipeline %s: models() raised %s: %s; not warmed up", name, type(exc).__name__, exc)
-        return self.models.warm_up(names, io_binding=self.config.models.io_binding)
+        results = self.models.warm_up(batches, io_binding=self.config.models.io_binding)
+        for name, pipeline in sorted(self.pipelines.items()):
+            if isinstance(pipeline, WarmUpCapable):
+                try:
+                    pipeline.warm_up()
+                except Exception as exc:
+                    log.warning("pipeline %s: warm_up() raised %s: %s; its first job loads it", name,
+                                type(exc).__name__, exc)
+        return results
 
     def run(self, job: Any, owner: str) -> None:
         """Execute ``job`` (a claimed row) and record its outcome; never raises."""

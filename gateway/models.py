@@ -127,6 +127,10 @@ def choose_providers(requested: Sequence[str] | str = "auto") -> list[str]:
 
 #: ONNX Runtime execution providers that run on a CUDA device.
 GPU_PROVIDERS = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
+#: Largest input (bytes, all inputs together) one warm-up run is given: a large
+#: declared batch of large items is warmed at a smaller batch rather than
+#: allocating gigabytes at start.
+WARMUP_INPUT_BYTES: int = 64 * 2**20
 
 _PROVIDER_LABELS = {
     "TensorrtExecutionProvider": "TensorRT",
@@ -396,7 +400,7 @@ class ModelRegistry:
             out[name] = (m.version if m is not None else "unknown", _first_provider(sess))
         return out
 
-    def warm_up(self, names: Iterable[str], io_binding: bool = True) -> dict[str, str | None]:
+    def warm_up(self, names: Iterable[str] | Mapping[str, int], io_binding: bool = True) -> dict[str, str | None]:
         """Create each model's session and run it once, so that the first job does not pay for it.
 
         The first run on CUDA or TensorRT also selects kernels (and builds
@@ -407,8 +411,12 @@ class ModelRegistry:
 
         Parameters
         ----------
-        names : iterable of str
-            Models to warm up (duplicates are run once).
+        names : iterable of str, or mapping of str to int
+            Models to warm up (duplicates are run once), or model -> the batch
+            size its jobs use: the warm-up batch is that size, so that the
+            first job does not grow ONNX Runtime's buffers either, but never
+            more than :data:`WARMUP_INPUT_BYTES` of input (a plain iterable:
+            batch 1).
         io_binding : bool
             Run through IO binding where jobs will (``[models] io_binding``).
 
@@ -417,12 +425,16 @@ class ModelRegistry:
         dict
             Model name -> None when warmed up, else the reason it failed.
         """
+        batches = dict(names) if isinstance(names, Mapping) else dict.fromkeys(names, 1)
         results: dict[str, str | None] = {}
-        for name in dict.fromkeys(names):
+        for name, batch in batches.items():
             t0 = time.perf_counter()
             try:
                 session = TimedSession(self.session(name), io_binding=io_binding)
-                session.run(None, warmup_inputs(self.get(name)))
+                manifest = self.get(name)
+                item_bytes = sum(a.nbytes for a in warmup_inputs(manifest).values())
+                batch = max(1, min(int(batch), WARMUP_INPUT_BYTES // max(item_bytes, 1)))
+                session.run(None, warmup_inputs(manifest, batch=batch))
             except Exception as exc:
                 lines = str(exc).strip().splitlines()
                 results[name] = f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"

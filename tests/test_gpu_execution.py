@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from gateway import cli
 from gateway.config import Config, ConfigError, DeviceClass, load_config
-from gateway.contract import Identity, Instance, ModelSpec, RunContext, Selection, Series, SeriesInfo
+from gateway.contract import Identity, Instance, ModelSpec, RunContext, Selection, Series, SeriesInfo, WarmUpCapable
 from gateway.jobs import DeviceSlots, JobRunner, job_device
 from gateway.metrics import Metrics
 from gateway.models import ModelRegistry, TimedSession, default_models_dir, provider_label, warmup_inputs
@@ -375,6 +375,60 @@ def test_runner_warm_up_follows_configuration(tmp_path: Path, caplog: pytest.Log
         results = _runner(tmp_path, pipeline, Config(), reg)[0].warm_up()
     assert results["wsi-mil-head"] is None and results["missing-model"]
     assert "wsi-mil-head" in reg.loaded()
+
+
+def test_runner_warms_models_at_their_job_batch_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.models
+
+    reg = ModelRegistry(MODELS, providers=["CPUExecutionProvider"])
+    fed: dict[str, int] = {}
+    real = gateway.models.warmup_inputs
+
+    def recording(manifest: Any, batch: int = 1, size: int = 32) -> dict[str, np.ndarray]:
+        feeds = real(manifest, batch=batch, size=size)
+        fed[manifest.name] = max(fed.get(manifest.name, 0), batch)
+        return feeds
+
+    monkeypatch.setattr(gateway.models, "warmup_inputs", recording)
+    pipeline = _Recorder([ModelSpec("wsi-mil-head", batch_size=48), ModelSpec("wsi-mil-encoder", batch_size=256)])
+    config = Config.model_validate({"models": {"batch_sizes": {"wsi-mil-head": 96}}})
+    assert _runner(tmp_path, pipeline, config, reg)[0].warm_up() == {"wsi-mil-head": None, "wsi-mil-encoder": None}
+    assert fed == {"wsi-mil-head": 96, "wsi-mil-encoder": 256}  # the node's override, else the pipeline's size
+    # A large declared batch is warmed at a batch whose input stays within the cap.
+    monkeypatch.setattr(gateway.models, "WARMUP_INPUT_BYTES", 100 * 3 * 32 * 32 * 4)
+    fed.clear()
+    assert reg.warm_up({"wsi-mil-encoder": 256}) == {"wsi-mil-encoder": None}
+    assert fed == {"wsi-mil-encoder": 100}
+
+
+class _WarmingRecorder(_Recorder):
+    def __init__(self, fail: bool) -> None:
+        super().__init__()
+        self.fail = fail
+        self.warmed = 0
+
+    def warm_up(self) -> None:
+        self.warmed += 1
+        if self.fail:
+            raise OSError("table file missing")
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_runner_calls_the_pipelines_own_warm_up_hook(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fail: bool
+) -> None:
+    pipeline = _WarmingRecorder(fail)
+    assert isinstance(pipeline, WarmUpCapable)
+    reg = ModelRegistry(MODELS, providers=["CPUExecutionProvider"])
+    off = Config.model_validate({"models": {"warmup": False}})
+    _runner(tmp_path, pipeline, off, reg)[0].warm_up()
+    assert pipeline.warmed == 0  # [models] warmup = false: nothing at start
+    with caplog.at_level(logging.WARNING, logger="gateway.jobs"):
+        _runner(tmp_path, pipeline, Config(), reg)[0].warm_up()  # never raises
+    assert pipeline.warmed == 1
+    warned = [r.getMessage() for r in caplog.records if "warm_up() raised" in r.getMessage()]
+    expected = "pipeline rec: warm_up() raised OSError: table file missing; its first job loads it"
+    assert warned == ([expected] if fail else [])
 
 
 # ------------------------------------------------------------------ configuration

@@ -15,7 +15,7 @@ import pytest
 from pydantic import ValidationError
 from pydicom import Dataset, dcmread
 
-from gateway.contract import Geometry, Identity, InputError, Instance, RunContext, Series
+from gateway.contract import Geometry, Identity, InputError, Instance, RunContext, Series, WarmUpCapable
 from gateway.headers import routing_headers
 from gateway.uids import derived_uid
 from pipelines._derived import DerivedImage, derived_mr_image, derived_mr_images
@@ -120,6 +120,17 @@ def test_uncertainty_option_adds_standard_deviation_maps_for_the_net(tmp_path: P
     # The least-squares fits give no standard deviation: the option changes nothing there.
     lsq = IvimPipeline(IvimOptions(method="lsq-segmented", derived_series=False)).run(series, context())
     assert labels(lsq) == ["D", "DSTAR", "F", "S0"]
+
+
+def test_warm_up_loads_highdicoms_standard_tables_before_any_job() -> None:
+    from highdicom import _standard_utils
+
+    loader = _standard_utils.get_module_attribute_map
+    loader.cache_clear()
+    pipeline = IvimPipeline()
+    assert isinstance(pipeline, WarmUpCapable)
+    pipeline.warm_up()
+    assert loader.cache_info().currsize == 1  # the first Parametric Map no longer reads it
 
 
 @pytest.mark.parametrize("vendor", ["standard", "siemens", "ge", "philips"])

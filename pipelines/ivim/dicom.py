@@ -77,6 +77,7 @@ __all__ = [
     "outputs_of",
     "parametric_maps",
     "parametric_maps_by_highdicom",
+    "preload_standard_tables",
 ]
 
 _UCUM = "UCUM"
@@ -303,6 +304,20 @@ def _map_identity(
 
 
 _IOD_TABLES_LOCK = threading.Lock()
+
+
+def preload_standard_tables() -> None:
+    """Load highdicom's tables of the standard now, not in the first job's Parametric Map constructor.
+
+    highdicom reads them (JSON of the IODs, modules and their attributes, a
+    few MB) lazily and once per process; in the first job that took about
+    0.3 s of a 3 s latency budget. Where a highdicom release renames a loader,
+    it is skipped and the first job loads it.
+    """
+    for loader in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
+        load = getattr(_standard_utils, loader, None)
+        if callable(load):
+            load()
 
 
 @contextmanager

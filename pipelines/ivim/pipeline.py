@@ -12,7 +12,7 @@ from typing import Any
 from pydicom import Dataset
 
 from gateway.contract import ModelSpec, RunContext, Selection, Series, SeriesInfo
-from pipelines.ivim.dicom import derived_mr_series, parametric_maps
+from pipelines.ivim.dicom import derived_mr_series, parametric_maps, preload_standard_tables
 from pipelines.ivim.infer import MODEL, NET_BATCH, fit_maps, method_description
 from pipelines.ivim.options import IvimOptions
 from pipelines.ivim.preprocess import background_mask, bvalues_from_headers, load_dwi
@@ -42,6 +42,10 @@ class IvimPipeline:
 
     def models(self) -> Sequence[ModelSpec]:
         return [ModelSpec(MODEL, batch_size=NET_BATCH)]
+
+    def warm_up(self) -> None:
+        """Load highdicom's standard tables at start (:class:`gateway.contract.WarmUpCapable`)."""
+        preload_standard_tables()
 
     def run(self, series: Series, ctx: RunContext) -> list[Dataset]:
         method = self.options.method
