@@ -36,6 +36,14 @@ Run it from the repository root with the virtualenv's Python::
 
     .venv/bin/python ops/bench/bigfile.py
     .venv/bin/python ops/bench/bigfile.py --gb 2.0 --tmp /var/tmp
+    .venv/bin/python ops/bench/bigfile.py --listener-processes 2 --senders 2
+
+With ``--listener-processes N`` the gateway runs N listener processes on the
+port (``[gateway] listener_processes``) and the peak is taken per process
+(the gateway's own and each listener's ``VmHWM``): the bound holds when every
+process stays under it. ``--senders K`` writes K slides (each its own UIDs)
+and sends them at once, one association each, so that several processes (or
+one process several times) stream a 1 GB instance at the same moment.
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ from _peers import (  # noqa: E402
     GatewayPeer,
     dcmtk,
     dcmtk_version,
+    descendants,
     send_parallel,
     vm_kib,
 )
@@ -145,7 +154,7 @@ def write_slide(folder: Path, gib: float, seed: int) -> Slide:
     if length >= 0xFFFFFFFF:
         raise BenchError(f"{length} bytes of pixel data do not fit a 32-bit element length (use --gb < 4)")
     ds = slide_header(frames, across, down, seed)
-    path = folder / "slide.dcm"
+    path = folder / f"slide-{seed}.dcm"
     tiles = _tiles(seed)
     with open(path, "wb") as fh:
         dcmwrite(fh, ds, enforce_file_format=True)
@@ -184,11 +193,11 @@ def sha256_from(path: Path, offset: int) -> str:
 
 
 class RssSampler(threading.Thread):
-    """Samples VmRSS of a process while the instance is sent, for the timeline."""
+    """Samples the largest VmRSS among the gateway's processes while the instances are sent, for the timeline."""
 
-    def __init__(self, pid: int, interval: float = 0.25) -> None:
+    def __init__(self, pids: Sequence[int], interval: float = 0.25) -> None:
         super().__init__(daemon=True)
-        self.pid = pid
+        self.pids = list(pids)
         self.interval = interval
         self.samples: list[tuple[float, int]] = []
         self._halt = threading.Event()
@@ -197,14 +206,27 @@ class RssSampler(threading.Thread):
     def run(self) -> None:
         while not self._halt.is_set():
             try:
-                self.samples.append((time.perf_counter() - self._t0, vm_kib(self.pid, "VmRSS")))
+                largest = max(vm_kib(pid, "VmRSS") for pid in self.pids)
             except (OSError, BenchError):
                 return
+            self.samples.append((time.perf_counter() - self._t0, largest))
             self._halt.wait(self.interval)
 
     def stop(self) -> None:
         self._halt.set()
         self.join(timeout=5)
+
+
+def _gateway_pids(pid: int, listener_processes: int, timeout: float = 30.0) -> list[int]:
+    """The gateway and its listener processes, once all ``listener_processes - 1`` of them run."""
+    deadline = time.monotonic() + timeout
+    while True:
+        kids = descendants(pid)
+        if len(kids) >= listener_processes - 1:
+            return [pid, *kids]
+        if time.monotonic() > deadline:
+            raise BenchError(f"only {len(kids)} of {listener_processes - 1} listener processes started")
+        time.sleep(0.2)
 
 
 def _mb(kib: int) -> float:
@@ -229,9 +251,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--seed", type=int, default=1, help="seed of the tiles and the derived UIDs")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (the 1 GB files)")
+    ap.add_argument(
+        "--listener-processes", type=int, default=1, metavar="N", help="[gateway] listener_processes (default 1)"
+    )
+    ap.add_argument("--senders", type=int, default=1, metavar="K", help="slides sent at once, one association each")
     args = ap.parse_args(argv)
     if not 0 < args.gb < 4:
         ap.error("--gb must be > 0 and < 4 (a native Pixel Data element has a 32-bit length)")
+    if not 1 <= args.listener_processes <= 64 or not 1 <= args.senders <= 16:
+        ap.error("--listener-processes is 1 to 64 and --senders 1 to 16")
 
     try:
         for tool in ("storescu", "echoscu"):
@@ -241,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     parent = args.tmp or Path(tempfile.gettempdir())
     print(_df(parent))
-    need = int(2 * args.gb * 1024**3 + GATEWAY_FREE_WATERMARK + 512 * 1024**2)
+    need = int(2 * args.senders * args.gb * 1024**3 + GATEWAY_FREE_WATERMARK + 512 * 1024**2)
     free = shutil.disk_usage(parent).free
     if free < need:
         print(
@@ -254,69 +282,87 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="aigw-bench-bigfile-", dir=parent))
     gw: GatewayPeer | None = None
     try:
-        t0 = time.perf_counter()
-        slide = write_slide(root, args.gb, args.seed)
-        print(
-            f"wrote {slide.path}: {slide.size:,} bytes ({slide.size / 1e9:.3f} GB) in "
-            f"{time.perf_counter() - t0:.1f} s: VL WSI, {slide.frames} frames of {TILE}x{TILE}x3"
-            f" ({slide.tiles_across}x{slide.tiles_down} tiles, TILED_FULL, "
-            f"{slide.tiles_across * TILE}x{slide.tiles_down * TILE} pixels)"
-        )
+        slides = []
+        for k in range(args.senders):
+            t0 = time.perf_counter()
+            slide = write_slide(root, args.gb, args.seed + k)
+            slides.append(slide)
+            print(
+                f"wrote {slide.path}: {slide.size:,} bytes ({slide.size / 1e9:.3f} GB) in "
+                f"{time.perf_counter() - t0:.1f} s: VL WSI, {slide.frames} frames of {TILE}x{TILE}x3"
+                f" ({slide.tiles_across}x{slide.tiles_down} tiles, TILED_FULL, "
+                f"{slide.tiles_across * TILE}x{slide.tiles_down * TILE} pixels)"
+            )
         print(
             f"DCMTK: {dcmtk_version()}; storescu {' '.join(STORESCU_OPTIONS)}; "
             + (" ".join(f"{k}={v}" for k, v in DCMTK_ENV.items()) or "Nagle on")
         )
 
-        gw = GatewayPeer(root / "aigw")
+        gw = GatewayPeer(root / "aigw", listener_processes=args.listener_processes)
         gw.start()
-        before_hwm = vm_kib(gw.pid, "VmHWM")
-        before_rss = vm_kib(gw.pid, "VmRSS")
+        pids = _gateway_pids(gw.pid, args.listener_processes)
+        before = {pid: (vm_kib(pid, "VmHWM"), vm_kib(pid, "VmRSS")) for pid in pids}
         print(
-            f"aigw pid {gw.pid} listening on 127.0.0.1:{gw.port}; before sending: "
-            f"VmHWM {_mb(before_hwm):.1f} MB, VmRSS {_mb(before_rss):.1f} MB"
+            f"aigw pid {gw.pid} listening on 127.0.0.1:{gw.port} with {len(pids)} process(es); before sending: "
+            + "; ".join(f"pid {pid} VmHWM {_mb(h):.1f} MB, VmRSS {_mb(r):.1f} MB" for pid, (h, r) in before.items())
         )
 
-        sampler = RssSampler(gw.pid)
+        sampler = RssSampler(pids)
         sampler.start()
         try:
-            res = send_parallel(gw.port, gw.called_ae, [[slide.path]], root / "senders", timeout=1800)
+            res = send_parallel(gw.port, gw.called_ae, [[sl.path] for sl in slides], root / "senders", timeout=1800)
         finally:
             sampler.stop()
         if not res.ok:
             raise BenchError(f"the send failed:\n{res.failure()}\n--- aigw log:\n{gw.log_tail()}")
-        after_hwm = vm_kib(gw.pid, "VmHWM")
-        after_rss = vm_kib(gw.pid, "VmRSS")
+        total = sum(sl.size for sl in slides)
+        after = {pid: (vm_kib(pid, "VmHWM"), vm_kib(pid, "VmRSS")) for pid in pids}
         print(
-            f"sent and acknowledged in {res.seconds:.1f} s: {slide.size / res.seconds / 1e6:.1f} MB/s "
-            "(storescu start to exit, including the gateway's hash, fsync and index)"
+            f"{len(slides)} sent at once and acknowledged in {res.seconds:.1f} s: {total / res.seconds / 1e6:.1f} MB/s "
+            "(storescu start to the last exit, including the gateway's hash, fsync and index)"
         )
-        print(f"after acknowledgement: VmHWM {_mb(after_hwm):.1f} MB, VmRSS {_mb(after_rss):.1f} MB")
+        for pid, (hwm, rss) in after.items():
+            role = "gateway" if pid == gw.pid else "listener process"
+            print(f"after acknowledgement, {role} {pid}: VmHWM {_mb(hwm):.1f} MB, VmRSS {_mb(rss):.1f} MB")
         if sampler.samples:
             peak_t, peak = max(sampler.samples, key=lambda s: s[1])
             print(
                 f"VmRSS sampled every {sampler.interval} s during the send: {len(sampler.samples)} samples, "
-                f"max {_mb(peak):.1f} MB at {peak_t:.1f} s"
+                f"largest process {_mb(peak):.1f} MB at {peak_t:.1f} s"
             )
 
         stored = sorted((gw.data_dir / "store").rglob("*.dcm"))
-        if len(stored) != 1:
-            raise BenchError(f"expected 1 stored instance under {gw.data_dir / 'store'}, found {len(stored)}")
-        src_off, dst_off = dataset_offset(slide.path), dataset_offset(stored[0])
-        src_len, dst_len = slide.size - src_off, stored[0].stat().st_size - dst_off
+        if len(stored) != len(slides):
+            raise BenchError(
+                f"expected {len(slides)} stored instance(s) under {gw.data_dir / 'store'}, found {len(stored)}"
+            )
         t1 = time.perf_counter()
-        src_hash, dst_hash = sha256_from(slide.path, src_off), sha256_from(stored[0], dst_off)
-        same = src_hash == dst_hash and src_len == dst_len
-        print(f"source data set:  {src_len:,} bytes from offset {src_off}, sha256 {src_hash}")
-        print(f"stored data set:  {dst_len:,} bytes from offset {dst_off}, sha256 {dst_hash}")
-        print(f"data set identical: {'yes' if same else 'NO'} (compared in {time.perf_counter() - t1:.1f} s)")
+        stored_hashes = {}
+        for path in stored:
+            off = dataset_offset(path)
+            stored_hashes[sha256_from(path, off)] = path.stat().st_size - off
+        same = True
+        for sl in slides:
+            off = dataset_offset(sl.path)
+            src_hash, src_len = sha256_from(sl.path, off), sl.size - off
+            ok = stored_hashes.get(src_hash) == src_len
+            same &= ok
+            print(f"source data set {sl.path.name}: {src_len:,} bytes, sha256 {src_hash}: {'stored' if ok else 'NOT'}"
+                  " byte-identical")
+        print(f"data sets identical: {'yes' if same else 'NO'} (compared in {time.perf_counter() - t1:.1f} s)")
 
         print()
-        print(f"peak RSS {_mb(after_hwm):.1f} MB (VmHWM; {_mb(before_hwm):.1f} MB before sending)")
-        rss_ok = after_hwm * 1024 < RSS_LIMIT_BYTES
-        print(f"peak RSS < {RSS_LIMIT_BYTES // 10**6} MB: {'PASS' if rss_ok else 'FAIL'}")
-        print(f"throughput: {slide.size / res.seconds / 1e6:.1f} MB/s")
+        worst = max(hwm for hwm, _ in after.values())
+        print(
+            f"peak RSS {_mb(worst):.1f} MB (VmHWM of the largest process; "
+            f"{_mb(max(h for h, _ in before.values())):.1f} MB before sending; "
+            f"all processes together {_mb(sum(h for h, _ in after.values())):.1f} MB)"
+        )
+        rss_ok = worst * 1024 < RSS_LIMIT_BYTES
+        print(f"peak RSS < {RSS_LIMIT_BYTES // 10**6} MB in every process: {'PASS' if rss_ok else 'FAIL'}")
+        print(f"throughput: {total / res.seconds / 1e6:.1f} MB/s")
         if not same:
-            raise BenchError("the stored data set differs from the one sent")
+            raise BenchError("a stored data set differs from the one sent")
         return 0 if rss_ok else 3
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)

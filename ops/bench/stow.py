@@ -439,7 +439,7 @@ def big(args: argparse.Namespace, root: Path) -> int:
             f"aigw pid {rx.pid}, STOW-RS on http://{HOST}:{rx.port}/studies; before sending: "
             f"VmHWM {_mb(before_hwm):.1f} MB, VmRSS {_mb(before_rss):.1f} MB"
         )
-        sampler = RssSampler(rx.pid)
+        sampler = RssSampler([rx.pid])
         sampler.start()
         conn = _Connection(HOST, rx.port, timeout=600)
         try:

@@ -84,8 +84,11 @@ LSQ_BOUNDS: dict[str, tuple[float, float]] = {
 }
 #: Segmented fit: D comes from b-values at or above this (s/mm²).
 SEGMENTED_B_THRESHOLD: float = 200.0
-#: Voxels per onnxruntime call.
-NET_BATCH: int = 65536
+#: Voxels per onnxruntime call. Small enough that a batch's activations stay
+#: in the CPU's caches: on one thread here 1,024 to 2,048 voxels per call ran
+#: 1.6x faster than 65,536 (370,000 against 230,000 voxels/s) and ONNX
+#: Runtime's arena stayed about 450 MB smaller (resident 158 against 607 MB).
+NET_BATCH: int = 2048
 #: Tolerance on the b-value range accepted by the network (s/mm²).
 _B_TOL: float = 1e-6
 
