@@ -148,10 +148,13 @@ def calibration_factors(e: Errors) -> dict[str, float]:
 
 def coverage(e: Errors, param: str) -> dict[str, float]:
     """Coverage of ``estimate ± Z90 · sd``, overall (``"all"``) and per quartile of the truth (``"q1"``..``"q4"``)."""
-    inside = np.abs(e.err[param]) <= Z90 * e.sd[param]
-    t = e.truth[param]
-    edges = np.quantile(t, [0.25, 0.5, 0.75])
-    q = np.searchsorted(edges, t)
+    return quartile_coverage(np.abs(e.err[param]) <= Z90 * e.sd[param], e.truth[param])
+
+
+def quartile_coverage(inside: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Share of ``inside`` overall (``"all"``) and per quartile of ``truth`` (``"q1"``..``"q4"``)."""
+    edges = np.quantile(truth, [0.25, 0.5, 0.75])
+    q = np.searchsorted(edges, truth)
     out = {"all": float(np.mean(inside))}
     for i in range(4):
         out[f"q{i + 1}"] = float(np.mean(inside[q == i]))
