@@ -5,6 +5,8 @@ Usage::
     OMP_NUM_THREADS=1 python -m pipelines.ivim.lab.bayes [--voxels 10000]
         [--points 50] [--check-voxels 1000] [--model exported_models/ivim-net.onnx]
         [--json-out FILE]
+    OMP_NUM_THREADS=1 python -m pipelines.ivim.lab.bayes --tissues [--bayes-voxels 1000]
+        [--tissue-voxels 5000] [--points 50] [--tissue-points 30] [--rician-points 30]
 
 Under squared error the posterior mean ``E[theta | signal]`` is the best
 estimator there is for data drawn from the prior, for each parameter at once,
@@ -40,9 +42,22 @@ the uniform prior every grid point weighs the same. S0 is handled three ways:
     fits (bounds relative to it), which are such estimators. This is the
     reference of the model card.
 
+``--tissues`` (:func:`tissue_bayes_report`) puts the references on the
+body tissues of :func:`~pipelines.ivim.lab.bench.tissue_benchmark` instead:
+the same voxels (Rician, SNR 20) and a Gaussian variant of them, NRMSE per
+tissue and the median over tissues against the best least-squares fit, the
+figure of the tissue target. Beside the references above on the test
+ranges (and, for the Rician voxels, ``known`` with the Rician likelihood) it
+has two other priors: the equal mixture of the tissues' boxes (the best
+estimators that do not know the tissue, for tissues drawn from the twelve)
+and each tissue's own box (estimators that know the tissue; with S0 known, a
+bound for every estimator). It also lists the tissue ranges that leave the
+test ranges, where the prior of the benchmark has no mass.
+
 Runtime of the command with its defaults: about 4.5 minutes on one thread
 of a shared 2-core machine (2 minutes for the tables, the rest the grid
-check at 100 points per axis).
+check at 100 points per axis). With ``--tissues`` and its defaults about 12
+minutes (the mixture priors and the Rician likelihood take most of it).
 
 This is a command-line script, so it prints its tables.
 """
@@ -70,16 +85,25 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 
 from pipelines._lab import cpu_session  # noqa: E402
-from pipelines.ivim.infer import FullLsqEstimator, IvimEstimator, IvimNetEstimator, IvimParams  # noqa: E402
+from pipelines.ivim.infer import (  # noqa: E402
+    FullLsqEstimator,
+    IvimEstimator,
+    IvimNetEstimator,
+    IvimParams,
+    SegmentedLsqEstimator,
+)
 from pipelines.ivim.lab.bench import (  # noqa: E402
     DEFAULT_MODEL,
     NRMSE_KEYS,
     SETTING_B_MAX_RATIO,
+    TISSUE_RATIO_TARGET,
+    TISSUE_VOXELS,
     Truth,
     fit_blocks,
     nrmse,
     setting_a,
     setting_b,
+    tissue_benchmark,
 )
 from pipelines.ivim.lab.signal import (  # noqa: E402
     BENCH_TEST_SEED,
@@ -89,6 +113,7 @@ from pipelines.ivim.lab.signal import (  # noqa: E402
     ParamRanges,
     ivim_signal,
 )
+from pipelines.ivim.lab.tissues import BODY_TISSUES, TISSUE_SNR, BodyTissue, simulate_tissue  # noqa: E402
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
@@ -156,12 +181,22 @@ class BayesEstimator:
         How S0 is treated.
     grid : PriorGrid, optional
         The prior grid; :meth:`PriorGrid.uniform` over the test ranges if omitted.
+    rician : bool
+        Use the Rician likelihood of magnitude data instead of the Gaussian
+        one (``known`` only): per b-value it multiplies the Gaussian
+        likelihood by ``i0e(y g / sigma^2)``, the exponentially scaled
+        modified Bessel function of order 0. About ten times slower.
     """
 
-    def __init__(self, snr: float, s0: S0Prior = S0Prior.FLAT, grid: PriorGrid | None = None) -> None:
+    def __init__(
+        self, snr: float, s0: S0Prior = S0Prior.FLAT, grid: PriorGrid | None = None, rician: bool = False
+    ) -> None:
         self.snr = float(snr)
         self.s0 = S0Prior(s0)
         self.grid = grid or PriorGrid.uniform()
+        if rician and self.s0 is not S0Prior.KNOWN:
+            raise ValueError("the Rician likelihood is implemented for a known S0 only")
+        self.rician = rician
 
     def _log_weights(
         self, yg: np.ndarray, yy: np.ndarray, norm2: np.ndarray, k: int
@@ -194,6 +229,24 @@ class BayesEstimator:
         logw = (k - 1) * np.log(t) + t * (b - a * t) - h * norm2 - 0.5 * np.log(curvature)
         return logw, 1.0 / t
 
+    def _rician_term(self, y: np.ndarray, shapes: np.ndarray) -> np.ndarray:
+        """What the Rician log-likelihood adds to the Gaussian one of :meth:`_log_weights` (known S0).
+
+        The Rician density of a magnitude ``y`` about ``g`` is, up to terms
+        of ``y`` alone, ``exp(-(y^2 + g^2) / (2 sigma^2)) I0(y g / sigma^2)``
+        and ``log I0(x) = x + log i0e(x)``: the ``x`` is the Gaussian
+        log-weight's cross term, so the rest is ``sum_k log i0e(y_k g_k / sigma^2)``.
+        """
+        from scipy.special import i0e
+
+        scale = np.float32(self.snr**2)
+        out = np.zeros((y.shape[0], shapes.shape[0]), dtype=np.float32)
+        tmp = np.empty_like(out)
+        for k in range(y.shape[1]):
+            np.multiply((scale * y[:, k])[:, None], shapes[None, :, k], out=tmp)
+            out += np.log(i0e(tmp))
+        return out
+
     def fit(self, signals: np.ndarray, bvalues: np.ndarray) -> IvimParams:
         """Posterior means of ``signals [N, K]`` on the protocol ``bvalues [K]``."""
         g = self.grid
@@ -214,6 +267,8 @@ class BayesEstimator:
             rows = slice(start, start + chunk)
             yy = np.einsum("nk,nk->n", y[rows], y[rows])[:, None]
             logw, s0_at = self._log_weights(y[rows] @ shapes32.T, yy, norm2, b.size)
+            if self.rician:
+                logw += self._rician_term(y[rows], shapes32)
             # Log-sum-exp: only differences of the log-weights matter.
             logw -= logw.max(axis=1, keepdims=True)
             np.exp(logw, out=logw)
@@ -483,6 +538,210 @@ def report(
     return res
 
 
+#: Voxels per tissue the references are evaluated on (the first of the
+#: benchmark's :data:`~pipelines.ivim.lab.bench.TISSUE_VOXELS`).
+TISSUE_BAYES_VOXELS: int = 1000
+#: Grid points per axis of each tissue's box in the mixture prior and the tissue's own prior.
+TISSUE_POINTS: int = 30
+#: Grid points per axis of the references with the Rician likelihood (ten times slower).
+RICIAN_POINTS: int = 30
+#: Parameters of the ranges, as ParamRanges names them, and their labels.
+_RANGE_NAMES: tuple[tuple[str, str], ...] = (("d", "D"), ("f", "f"), ("dstar", "D*"))
+
+
+def mixture_grid(tissues: Sequence[BodyTissue] = BODY_TISSUES, points: int = TISSUE_POINTS) -> PriorGrid:
+    """The equal mixture of the tissues' uniform priors: each tissue's grid, ``points`` per axis, side by side.
+
+    Every tissue contributes as many points, all of equal weight, so each
+    tissue has prior weight ``1 / len(tissues)``, uniform within its box.
+    """
+    grids = [PriorGrid.uniform(t.ranges, points) for t in tissues]
+    return PriorGrid(*(np.concatenate([getattr(g, a) for g in grids]) for a, _ in _RANGE_NAMES))
+
+
+def outside_share(tissue: BodyTissue, ranges: ParamRanges = TEST_RANGES) -> dict[str, float]:
+    """Share of each of the tissue's uniform ranges that lies outside ``ranges`` (and ``all``: of its box)."""
+    out: dict[str, float] = {}
+    inside = 1.0
+    for name, _ in _RANGE_NAMES:
+        (lo, hi), (rlo, rhi) = getattr(tissue.ranges, name), getattr(ranges, name)
+        share = max(0.0, min(hi, rhi) - max(lo, rlo)) / (hi - lo)
+        out[name] = 1.0 - share
+        inside *= share
+    out["all"] = 1.0 - inside
+    return out
+
+
+def tissue_estimators(
+    tissue: BodyTissue, noise: NoiseType, points: int, tissue_points: int, rician_points: int, mixture: PriorGrid
+) -> dict[str, BayesEstimator]:
+    """The references of the tissue table for one tissue and noise type (see :func:`tissue_bayes_report`)."""
+    test = PriorGrid.uniform(TEST_RANGES, points)
+    own = PriorGrid.uniform(tissue.ranges, tissue_points)
+    rician = noise is NoiseType.RICIAN
+    ests = {
+        "bayes-scale": BayesEstimator(TISSUE_SNR, S0Prior.SCALE, test),
+        "bayes-known": BayesEstimator(TISSUE_SNR, S0Prior.KNOWN, test),
+    }
+    if rician:
+        coarse = PriorGrid.uniform(TEST_RANGES, rician_points)
+        ests["bayes-known-rician"] = BayesEstimator(TISSUE_SNR, S0Prior.KNOWN, coarse, rician=True)
+    ests["mixture-scale"] = BayesEstimator(TISSUE_SNR, S0Prior.SCALE, mixture)
+    ests["mixture-known"] = BayesEstimator(TISSUE_SNR, S0Prior.KNOWN, mixture)
+    ests["tissue-known"] = BayesEstimator(TISSUE_SNR, S0Prior.KNOWN, own)
+    if rician:
+        ests["tissue-known-rician"] = BayesEstimator(TISSUE_SNR, S0Prior.KNOWN, own, rician=True)
+    return ests
+
+
+def _nrmse_of(p: IvimParams, truth: Truth, n: int) -> dict[str, float]:
+    """NRMSE of D, f, D* on the first ``n`` voxels."""
+    return {k: nrmse(getattr(p, _PARAM[k])[:n], getattr(truth, _PARAM[k])[:n]) for k in NRMSE_KEYS}
+
+
+def tissue_bayes(
+    model: Path = DEFAULT_MODEL,
+    n_bench: int = TISSUE_VOXELS,
+    n: int = TISSUE_BAYES_VOXELS,
+    points: int = POINTS,
+    tissue_points: int = TISSUE_POINTS,
+    rician_points: int = RICIAN_POINTS,
+    seed: int = BENCH_TEST_SEED,
+) -> dict[str, Any]:
+    """NRMSE per tissue of the network, both fits and the references, on the tissue benchmark's voxels.
+
+    The voxels are :func:`~pipelines.ivim.lab.bench.tissue_benchmark`'s:
+    ``n_bench`` per tissue from the stream ``[seed, 10, tissue index]``,
+    Rician noise at SNR 20, and a Gaussian variant of the same draws (the
+    simulator draws both quadrature channels for either noise, so the
+    Gaussian voxels are the Rician ones' real channel). Everything is scored
+    on the first ``n`` voxels of each tissue; the network and the fits also
+    on all ``n_bench`` of the Rician ones, which must reproduce
+    ``tissue_benchmark`` (checked, ``check_max_abs_diff``).
+
+    Returns ``{"nrmse": {noise: {tissue: {method: {key: value}}}},
+    "benchmark": {tissue: {method: {key: value}}}, ...}``.
+    """
+    net: IvimEstimator = IvimNetEstimator(cpu_session(model, threads=1))
+    seg: IvimEstimator = SegmentedLsqEstimator()
+    full: IvimEstimator = FullLsqEstimator()
+    mixture = mixture_grid(BODY_TISSUES, tissue_points)
+    res: dict[str, dict[str, Any]] = {"nrmse": {}, "benchmark": {}, "seconds": {}}
+    for noise in (NoiseType.RICIAN, NoiseType.GAUSSIAN):
+        per: dict[str, dict[str, dict[str, float]]] = {}
+        for i, tissue in enumerate(BODY_TISSUES):
+            rng = np.random.default_rng([seed, 10, i])
+            sig, d, f, dstar = simulate_tissue(rng, tissue, n_bench, TISSUE_SNR, noise)
+            truth = Truth(d, f, dstar)
+            row: dict[str, dict[str, float]] = {}
+            for name, est in (("net", net), ("lsq-segmented", seg), ("lsq-full", full)):
+                fitted = est.fit(sig, tissue.protocol)
+                row[name] = _nrmse_of(fitted, truth, n)
+                if noise is NoiseType.RICIAN:
+                    res["benchmark"].setdefault(tissue.name, {})[name] = _nrmse_of(fitted, truth, n_bench)
+            row["best-lsq"] = {k: min(row["lsq-segmented"][k], row["lsq-full"][k]) for k in NRMSE_KEYS}
+            for name, bayes in tissue_estimators(tissue, noise, points, tissue_points, rician_points, mixture).items():
+                t0 = time.perf_counter()
+                row[name] = _nrmse_of(bayes.fit(sig[:n], tissue.protocol), truth, n)
+                key = f"{noise.value} {name}"
+                res["seconds"][key] = res["seconds"].get(key, 0.0) + time.perf_counter() - t0
+            per[tissue.name] = row
+            logger.info("%s %s done", noise.value, tissue.name)
+        res["nrmse"][noise.value] = per
+    # The same voxels as the tissue benchmark: its own figures, recomputed.
+    bench = tissue_benchmark(net, seg, full, n_bench, seed)
+    res["check_max_abs_diff"] = max(
+        abs(bench.per_tissue[t][m][k] - res["benchmark"][t][m][k])
+        for t in bench.per_tissue
+        for m in ("net", "lsq-segmented", "lsq-full")
+        for k in NRMSE_KEYS
+    )
+    res["benchmark_ratio_net_over_best_lsq"] = bench.ratio
+    return res
+
+
+def _medians(per: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    methods = next(iter(per.values())).keys()
+    return {m: {k: float(np.median([per[t][m][k] for t in per])) for k in NRMSE_KEYS} for m in methods}
+
+
+def tissue_bayes_report(
+    model: Path = DEFAULT_MODEL,
+    n_bench: int = TISSUE_VOXELS,
+    n: int = TISSUE_BAYES_VOXELS,
+    points: int = POINTS,
+    tissue_points: int = TISSUE_POINTS,
+    rician_points: int = RICIAN_POINTS,
+) -> dict[str, Any]:
+    """Print the references against the best least-squares fit on the body tissues, and return the figures."""
+    t0 = time.perf_counter()
+    res = tissue_bayes(model, n_bench, n, points, tissue_points, rician_points)
+    print(f"# Bayes-optimal references on the body tissues, SNR {TISSUE_SNR:g}\n")
+    print(
+        f"Voxels of the tissue benchmark (`bench --tissues`, seed {BENCH_TEST_SEED}, stream [seed, 10, tissue]): "
+        f"{n_bench} per tissue drawn, all figures on the first {n} of each tissue. Rician: the benchmark's "
+        "voxels; Gaussian: the same draws with Gaussian noise (their real channel). Model "
+        f"{model}.\n"
+    )
+    print("References (posterior means; `known`: S0 = 1 known; `scale`: S0 unknown, prior dS0 / S0):\n")
+    print(f"- bayes-scale, bayes-known: uniform prior over the test ranges {TEST_RANGES}, {points}^3 points;")
+    print("  Gaussian likelihood, on the Rician voxels as is (a misspecified likelihood there);")
+    print(f"- bayes-known-rician: the same prior, Rician likelihood, {rician_points}^3 points (Rician voxels only);")
+    print(
+        f"- mixture-scale, mixture-known: equal mixture of the {len(BODY_TISSUES)} tissues' uniform boxes, "
+        f"{tissue_points}^3 points each: the best estimators (in mean squared error over the tissues) that do not "
+        "know the tissue;"
+    )
+    print(
+        f"- tissue-known (-rician): the tissue's own box, {tissue_points}^3 points, S0 known: knows the tissue, "
+        "a bound for every estimator with the matching likelihood.\n"
+    )
+    print("## Tissue ranges outside the test ranges (share of each range; all: share of the tissue's box)\n")
+    print("| tissue | D | f | D* | all |")
+    print("|---|---|---|---|---|")
+    outside = {t.name: outside_share(t) for t in BODY_TISSUES}
+    for name, share in outside.items():
+        if share["all"] > 0:
+            print(f"| {name} | " + " | ".join(f"{share[a]:.0%}" for a, _ in _RANGE_NAMES) + f" | {share['all']:.0%} |")
+    res["outside_test_ranges"] = outside
+    summary: dict[str, Any] = {}
+    for noise, per in res["nrmse"].items():
+        methods = [m for m in next(iter(per.values())) if m not in ("lsq-segmented", "lsq-full", "best-lsq")]
+        med = _medians(per)
+        print(f"\n## {noise.capitalize()} noise: NRMSE D / f / D*, and its ratio to the best LSQ fit\n")
+        print("| tissue | best LSQ | " + " | ".join(methods) + " |")
+        print("|---|---|" + "---|" * len(methods))
+        for name, row in [*per.items(), ("**median**", med)]:
+            cells = [_triple([row[m][k] for k in NRMSE_KEYS]) for m in ["best-lsq", *methods]]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        print(
+            f"\nRatio to the best LSQ fit per tissue; median row: median over tissues / median best LSQ "
+            f"(the target: <= {TISSUE_RATIO_TARGET})\n"
+        )
+        print("| tissue | " + " | ".join(methods) + " |")
+        print("|---|" + "---|" * len(methods))
+        ratios = {m: {k: med[m][k] / med["best-lsq"][k] for k in NRMSE_KEYS} for m in methods}
+        for name, row in per.items():
+            cells = [_triple([row[m][k] / row["best-lsq"][k] for k in NRMSE_KEYS], ".2f") for m in methods]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        print("| **median** | " + " | ".join(_triple([ratios[m][k] for k in NRMSE_KEYS]) for m in methods) + " |")
+        summary[noise] = {"median": med, "median_ratio_to_best_lsq": ratios}
+    res["summary"] = summary
+    bench_ratio = res["benchmark_ratio_net_over_best_lsq"]
+    print(
+        f"\nThe tissue benchmark itself ({n_bench} voxels per tissue, Rician): net / best LSQ "
+        f"{_triple([bench_ratio[k] for k in NRMSE_KEYS])}; network and fits recomputed here on its voxels "
+        f"differ from it by at most {res['check_max_abs_diff']:.1e} in NRMSE."
+    )
+    res.update(voxels_drawn=n_bench, voxels=n, grid_points_per_axis=points, tissue_points=tissue_points)
+    res.update(rician_points=rician_points, test_seed=BENCH_TEST_SEED)
+    res["total_seconds"] = time.perf_counter() - t0
+    seconds = ", ".join(f"{k} {v:.0f} s" for k, v in res["seconds"].items())
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    print(f"\nTime: {res['total_seconds']:.0f} s (references: {seconds}); OMP_NUM_THREADS={threads}.")
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
@@ -493,8 +752,24 @@ def main(argv: list[str] | None = None) -> int:
         "--check-voxels", type=int, default=1000, help="voxels of each setting in the grid check; 0 skips it"
     )
     p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--tissues", action="store_true", help="the body tissues instead of settings A and B")
+    p.add_argument(
+        "--tissue-voxels", type=int, default=TISSUE_VOXELS, help="voxels per tissue drawn (the tissue benchmark's)"
+    )
+    p.add_argument(
+        "--bayes-voxels", type=int, default=TISSUE_BAYES_VOXELS, help="voxels per tissue scored (the first drawn)"
+    )
+    p.add_argument("--tissue-points", type=int, default=TISSUE_POINTS, help="points per axis of each tissue's box")
+    p.add_argument("--rician-points", type=int, default=RICIAN_POINTS, help="points per axis, Rician likelihood")
     args = p.parse_args(argv)
-    res = report(args.model, args.voxels, args.points, args.check_voxels)
+    if args.tissues:
+        if args.bayes_voxels > args.tissue_voxels:
+            p.error("--bayes-voxels must not exceed --tissue-voxels")
+        res = tissue_bayes_report(
+            args.model, args.tissue_voxels, args.bayes_voxels, args.points, args.tissue_points, args.rician_points
+        )
+    else:
+        res = report(args.model, args.voxels, args.points, args.check_voxels)
     if args.json_out is not None:
         args.json_out.write_text(json.dumps(res, indent=2) + "\n")
     return 0
