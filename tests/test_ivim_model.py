@@ -297,8 +297,8 @@ def test_net_beats_the_best_lsq_fit_on_every_body_tissue(tissues: TissueResult) 
 # exported model reaches it for D* only (model card, "Body tissues"); the
 # strict expected failures flag a model that meets it for D or f.
 TISSUE_TARGET_NOT_MET = {
-    "nrmse_d": "D: median net / best LSQ 0.66 in the card",
-    "nrmse_f": "f: median net / best LSQ 0.62 in the card",
+    "nrmse_d": "D: median net / best LSQ 0.66 in the card; the Bayes posterior on the same prior gets 0.58",
+    "nrmse_f": "f: median net / best LSQ 0.62 in the card; the Bayes posterior on the same prior gets 0.49",
 }
 
 
