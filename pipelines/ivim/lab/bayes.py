@@ -169,6 +169,25 @@ class PriorGrid:
         return int(self.d.size)
 
 
+def rician_correction(y: np.ndarray, shapes: np.ndarray, snr: float) -> np.ndarray:
+    """What the Rician log-likelihood adds to the Gaussian one, S0 known, sigma = 1 / snr: ``[N, M]``.
+
+    The Rician density of a magnitude ``y`` about ``g`` is, up to terms of
+    ``y`` alone, ``exp(-(y^2 + g^2) / (2 sigma^2)) I0(y g / sigma^2)``, and
+    ``log I0(x) = x + log i0e(x)``: the ``x`` is the Gaussian log-likelihood's
+    cross term, so the rest is ``sum_k log i0e(y_k g_k / sigma^2)``.
+    """
+    from scipy.special import i0e
+
+    scale = np.float32(snr**2)
+    out = np.zeros((y.shape[0], shapes.shape[0]), dtype=np.float32)
+    tmp = np.empty_like(out)
+    for k in range(y.shape[1]):
+        np.multiply((scale * y[:, k])[:, None], shapes[None, :, k], out=tmp)
+        out += np.log(i0e(tmp))
+    return out
+
+
 class BayesEstimator:
     """Posterior mean of D, f, D* (and S0) on a prior grid, for Gaussian noise at a known SNR.
 
@@ -229,24 +248,6 @@ class BayesEstimator:
         logw = (k - 1) * np.log(t) + t * (b - a * t) - h * norm2 - 0.5 * np.log(curvature)
         return logw, 1.0 / t
 
-    def _rician_term(self, y: np.ndarray, shapes: np.ndarray) -> np.ndarray:
-        """What the Rician log-likelihood adds to the Gaussian one of :meth:`_log_weights` (known S0).
-
-        The Rician density of a magnitude ``y`` about ``g`` is, up to terms
-        of ``y`` alone, ``exp(-(y^2 + g^2) / (2 sigma^2)) I0(y g / sigma^2)``
-        and ``log I0(x) = x + log i0e(x)``: the ``x`` is the Gaussian
-        log-weight's cross term, so the rest is ``sum_k log i0e(y_k g_k / sigma^2)``.
-        """
-        from scipy.special import i0e
-
-        scale = np.float32(self.snr**2)
-        out = np.zeros((y.shape[0], shapes.shape[0]), dtype=np.float32)
-        tmp = np.empty_like(out)
-        for k in range(y.shape[1]):
-            np.multiply((scale * y[:, k])[:, None], shapes[None, :, k], out=tmp)
-            out += np.log(i0e(tmp))
-        return out
-
     def fit(self, signals: np.ndarray, bvalues: np.ndarray) -> IvimParams:
         """Posterior means of ``signals [N, K]`` on the protocol ``bvalues [K]``."""
         g = self.grid
@@ -268,7 +269,7 @@ class BayesEstimator:
             yy = np.einsum("nk,nk->n", y[rows], y[rows])[:, None]
             logw, s0_at = self._log_weights(y[rows] @ shapes32.T, yy, norm2, b.size)
             if self.rician:
-                logw += self._rician_term(y[rows], shapes32)
+                logw += rician_correction(y[rows], shapes32, self.snr)
             # Log-sum-exp: only differences of the log-weights matter.
             logw -= logw.max(axis=1, keepdims=True)
             np.exp(logw, out=logw)

@@ -53,11 +53,10 @@ if __name__ == "__main__":
         os.environ.setdefault(_var, "1")
 
 import numpy as np  # noqa: E402
-from scipy.special import i0e  # noqa: E402
 
 from pipelines._lab import cpu_session  # noqa: E402
 from pipelines.ivim.infer import IvimNetEstimator  # noqa: E402
-from pipelines.ivim.lab.bayes import BayesEstimator, PriorGrid, S0Prior  # noqa: E402
+from pipelines.ivim.lab.bayes import BayesEstimator, PriorGrid, S0Prior, rician_correction  # noqa: E402
 from pipelines.ivim.lab.calibration import (  # noqa: E402
     COVERAGE_RANGE,
     SD_PARAMS,
@@ -540,12 +539,9 @@ class Grid:
 
 def rician_log_weights(y: np.ndarray, shapes: np.ndarray, snr: float) -> np.ndarray:
     """Exact Rician log-likelihood, S0 = 1 known, sigma = 1 / snr, up to the voxel's constants: ``[n, M]``."""
-    h = 0.5 * snr**2
-    out = -h * np.einsum("mk,mk->m", shapes, shapes).astype(np.float32)[None, :].repeat(y.shape[0], axis=0)
-    for k in range(y.shape[1]):
-        x = (2 * h) * y[:, k : k + 1] * shapes[None, :, k]  # y A / sigma^2
-        out += np.log(i0e(x)) + x
-    return out
+    h = np.float32(0.5 * snr**2)
+    gaussian = (2 * h) * (y @ shapes.T) - h * np.einsum("mk,mk->m", shapes, shapes).astype(np.float32)[None, :]
+    return gaussian + rician_correction(y, shapes, snr)
 
 
 def posterior_summaries(
