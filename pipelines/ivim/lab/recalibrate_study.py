@@ -537,13 +537,6 @@ class Grid:
         return PriorGrid(d, f, dstar)
 
 
-def rician_log_weights(y: np.ndarray, shapes: np.ndarray, snr: float) -> np.ndarray:
-    """Exact Rician log-likelihood, S0 = 1 known, sigma = 1 / snr, up to the voxel's constants: ``[n, M]``."""
-    h = np.float32(0.5 * snr**2)
-    gaussian = (2 * h) * (y @ shapes.T) - h * np.einsum("mk,mk->m", shapes, shapes).astype(np.float32)[None, :]
-    return gaussian + rician_correction(y, shapes, snr)
-
-
 def posterior_summaries(
     grid: Grid, vs: VoxelSet, snr: float, likelihood: str
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -569,11 +562,10 @@ def posterior_summaries(
     est = BayesEstimator(snr, S0Prior.KNOWN if likelihood in ("known", "rician") else S0Prior.SCALE, grid=prior)
     for start in range(0, n, chunk):
         rows = slice(start, start + chunk)
-        if likelihood == "rician":
-            logw = rician_log_weights(y[rows], shapes, snr)
-        else:
-            yy = np.einsum("nk,nk->n", y[rows], y[rows])[:, None]
-            logw, _ = est._log_weights(y[rows] @ shapes.T, yy, norm2, b.size)
+        yy = np.einsum("nk,nk->n", y[rows], y[rows])[:, None]
+        logw, _ = est._log_weights(y[rows] @ shapes.T, yy, norm2, b.size)
+        if likelihood == "rician":  # the Gaussian weights with S0 known, corrected as BayesEstimator does
+            logw += rician_correction(y[rows], shapes, snr)
         logw -= logw.max(axis=1, keepdims=True)
         w = np.exp(logw).reshape(-1, *grid.points)
         w /= w.sum(axis=(1, 2, 3), keepdims=True, dtype=np.float64).astype(np.float32)
