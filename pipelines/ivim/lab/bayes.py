@@ -623,11 +623,12 @@ def tissue_bayes(
     Returns ``{"nrmse": {noise: {tissue: {method: {key: value}}}},
     "benchmark": {tissue: {method: {key: value}}}, ...}``.
     """
+    t0 = time.perf_counter()
     net: IvimEstimator = IvimNetEstimator(cpu_session(model, threads=1))
     seg: IvimEstimator = SegmentedLsqEstimator()
     full: IvimEstimator = FullLsqEstimator()
     mixture = mixture_grid(BODY_TISSUES, tissue_points)
-    res: dict[str, dict[str, Any]] = {"nrmse": {}, "benchmark": {}, "seconds": {}}
+    res: dict[str, Any] = {"nrmse": {}, "benchmark": {}, "seconds": {}}
     for noise in (NoiseType.RICIAN, NoiseType.GAUSSIAN):
         per: dict[str, dict[str, dict[str, float]]] = {}
         for i, tissue in enumerate(BODY_TISSUES):
@@ -658,6 +659,9 @@ def tissue_bayes(
         for k in NRMSE_KEYS
     )
     res["benchmark_ratio_net_over_best_lsq"] = bench.ratio
+    res.update(voxels_drawn=n_bench, voxels=n, grid_points_per_axis=points, tissue_points=tissue_points)
+    res.update(rician_points=rician_points, test_seed=seed, model=str(model))
+    res["total_seconds"] = time.perf_counter() - t0
     return res
 
 
@@ -666,17 +670,10 @@ def _medians(per: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str,
     return {m: {k: float(np.median([per[t][m][k] for t in per])) for k in NRMSE_KEYS} for m in methods}
 
 
-def tissue_bayes_report(
-    model: Path = DEFAULT_MODEL,
-    n_bench: int = TISSUE_VOXELS,
-    n: int = TISSUE_BAYES_VOXELS,
-    points: int = POINTS,
-    tissue_points: int = TISSUE_POINTS,
-    rician_points: int = RICIAN_POINTS,
-) -> dict[str, Any]:
-    """Print the references against the best least-squares fit on the body tissues, and return the figures."""
-    t0 = time.perf_counter()
-    res = tissue_bayes(model, n_bench, n, points, tissue_points, rician_points)
+def tissue_bayes_report(res: dict[str, Any]) -> dict[str, Any]:
+    """Print :func:`tissue_bayes`'s figures against the best least-squares fit; return them with the summary."""
+    n_bench, n, points = res["voxels_drawn"], res["voxels"], res["grid_points_per_axis"]
+    tissue_points, rician_points, model = res["tissue_points"], res["rician_points"], res["model"]
     print(f"# Bayes-optimal references on the body tissues, SNR {TISSUE_SNR:g}\n")
     print(
         f"Voxels of the tissue benchmark (`bench --tissues`, seed {BENCH_TEST_SEED}, stream [seed, 10, tissue]): "
@@ -734,9 +731,6 @@ def tissue_bayes_report(
         f"{_triple([bench_ratio[k] for k in NRMSE_KEYS])}; network and fits recomputed here on its voxels "
         f"differ from it by at most {res['check_max_abs_diff']:.1e} in NRMSE."
     )
-    res.update(voxels_drawn=n_bench, voxels=n, grid_points_per_axis=points, tissue_points=tissue_points)
-    res.update(rician_points=rician_points, test_seed=BENCH_TEST_SEED)
-    res["total_seconds"] = time.perf_counter() - t0
     seconds = ", ".join(f"{k} {v:.0f} s" for k, v in res["seconds"].items())
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(f"\nTime: {res['total_seconds']:.0f} s (references: {seconds}); OMP_NUM_THREADS={threads}.")
@@ -767,7 +761,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.bayes_voxels > args.tissue_voxels:
             p.error("--bayes-voxels must not exceed --tissue-voxels")
         res = tissue_bayes_report(
-            args.model, args.tissue_voxels, args.bayes_voxels, args.points, args.tissue_points, args.rician_points
+            tissue_bayes(
+                args.model, args.tissue_voxels, args.bayes_voxels, args.points, args.tissue_points, args.rician_points
+            )
         )
     else:
         res = report(args.model, args.voxels, args.points, args.check_voxels)
