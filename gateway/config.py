@@ -320,8 +320,8 @@ class GatewaySettings(_Strict):
     listener_processes: int | Literal["auto"] = Field(
         default=1,
         description="processes that accept DICOM on the port (and the TLS port), sharing them with SO_REUSEPORT, "
-        "the data dir and the index; 'auto': one per core. Each takes an equal share of max_associations, "
-        "max_connections and max_connections_per_address. 1: all in the gateway process",
+        "the data dir and the index; 'auto': one per core. max_associations, max_connections and "
+        "max_connections_per_address hold for all of them together. 1: all in the gateway process",
     )
 
     @field_validator("listener_processes")

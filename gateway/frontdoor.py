@@ -53,6 +53,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
 from gateway._wakeup import Wakeup, event_driven
+from gateway.slots import Caps, Slots, SlotTable
 from gateway.status import Abort, AbortReason, Rejection, RejectReason
 
 if TYPE_CHECKING:
@@ -513,6 +514,10 @@ class FrontDoor:
     reuse_port : bool
         Bind with ``SO_REUSEPORT``, so that other listener processes can bind
         the same ports (:mod:`gateway.listeners`).
+    slots : Slots, optional
+        Where connections and associations are counted against the caps in
+        ``limits``: this process's row of a table shared by every listener
+        process (:mod:`gateway.slots`); by default a table of its own.
     """
 
     def __init__(
@@ -525,8 +530,12 @@ class FrontDoor:
         refusals: RefusalLog | None = None,
         tls: tuple[tuple[str, int], ssl.SSLContext] | None = None,
         reuse_port: bool = False,
+        slots: Slots | None = None,
     ) -> None:
         self.limits = limits
+        if slots is None:
+            slots = SlotTable(Caps(limits.max_connections, limits.max_per_address, limits.max_associations)).row(0)
+        self._slots = slots
         self._count = count
         self.refusals = refusals or RefusalLog(log)
         self._server = ae.make_server(
@@ -553,7 +562,6 @@ class FrontDoor:
         self._sel = selectors.DefaultSelector()
         self._conns: dict[int, _Conn] = {}
         self._live: list[tuple[Association, str]] = []
-        self._per_address: Counter[str] = Counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="aigw-frontdoor", daemon=True)
 
@@ -619,10 +627,11 @@ class FrontDoor:
             address = str(peer[0])
             # Before a TLS handshake no DICOM can be spoken: over a cap, the TLS port only closes.
             plain = listener.ssl_context is None
-            if self.connections >= self.limits.max_connections:
-                self._turn_away(sock, address, RejectReason.TOO_MANY_CONNECTIONS, "max_connections", plain)
-            elif self._per_address[address] >= self.limits.max_per_address:
-                self._turn_away(sock, address, RejectReason.TOO_MANY_FROM_ADDRESS, "max_connections_per_address", plain)
+            cap = self._slots.open(address)  # counted in every listener process's total
+            if cap == "max_connections":
+                self._turn_away(sock, address, RejectReason.TOO_MANY_CONNECTIONS, cap, plain)
+            elif cap is not None:
+                self._turn_away(sock, address, RejectReason.TOO_MANY_FROM_ADDRESS, cap, plain)
             else:
                 if listener.ssl_context is not None:
                     # The handshake runs in the selector loop (_handshake), bounded by ARTIM.
@@ -630,7 +639,6 @@ class FrontDoor:
                 conn = _Conn(sock, (address, int(peer[1])), time.monotonic() + self.limits.artim_seconds)
                 conn.handshaking = not plain
                 self._conns[sock.fileno()] = conn
-                self._per_address[address] += 1
                 self._sel.register(sock, selectors.EVENT_READ, conn)
 
     def _turn_away(self, sock: socket.socket, address: str, rejection: Rejection, cap: str, answer: bool) -> None:
@@ -714,7 +722,7 @@ class FrontDoor:
         found = check_associate_rq(bytes(conn.buf))
         if found is not None:
             self._refuse(conn, *found)
-        elif len(self._live) >= self.limits.max_associations:
+        elif not self._slots.associate():
             self._refuse(conn, RejectReason.TOO_MANY_ASSOCIATIONS, "max_associations reached")
         else:
             self._handoff(conn)
@@ -748,7 +756,8 @@ class FrontDoor:
         except Exception:
             log.exception("could not hand the association from %s to pynetdicom", escape(address))
         if handoff.assoc is None:
-            self._per_address[address] -= 1
+            self._slots.dissociate()
+            self._slots.close(address)
             conn.sock.close()
             return
         self._live.append((handoff.assoc, address))
@@ -768,14 +777,14 @@ class FrontDoor:
             if assoc.is_alive():
                 live.append((assoc, address))
             else:
-                self._per_address[address] -= 1
+                self._slots.dissociate()
+                self._slots.close(address)
         self._live = live
-        self._per_address = +self._per_address  # drop zero counts: the table stays bounded
 
     def _close(self, conn: _Conn) -> None:
         fd = conn.sock.fileno()
         if self._conns.pop(fd, None) is not None:
-            self._per_address[conn.peer[0]] -= 1
+            self._slots.close(conn.peer[0])
             try:
                 self._sel.unregister(conn.sock)
             except (KeyError, ValueError):

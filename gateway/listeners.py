@@ -12,8 +12,11 @@ processes:
   (SQLite ``BEGIN IMMEDIATE`` in WAL mode, or PostgreSQL), and one UID's
   critical section is locked across processes (:class:`gateway.ingest.Ingest`);
 * the configuration: each process gets the same :class:`~gateway.config.Config`
-  object, with an equal share of ``max_associations``, ``max_connections`` and
-  ``max_connections_per_address`` (:func:`shared_out`);
+  object;
+* the caps ``max_associations``, ``max_connections`` and
+  ``max_connections_per_address``, which hold for all processes together: each
+  counts what it holds in a table in shared memory (:mod:`gateway.slots`), since
+  the kernel never spreads connections evenly;
 * the release and abort hints, which are index writes.
 
 Completion, jobs, sends, DICOMweb and the metrics endpoint stay in the gateway
@@ -24,7 +27,8 @@ knows; the gateway's ``/metrics`` adds their samples to its own
 
 :class:`ListenerPool` supervises them: a process that dies (kill -9, a crash)
 is logged and started again with backoff, and every open series gets the
-abort grace period first, since its associations were cut. A listener
+abort grace period first, since its associations were cut; its row of the
+caps table is cleared. A listener
 process ends itself when the gateway process goes, however that ended.
 """
 
@@ -46,6 +50,7 @@ from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
 
 from gateway.config import Config, GatewaySettings
+from gateway.slots import Caps, Slots, SlotTable
 
 if TYPE_CHECKING:
     from gateway.index import Index
@@ -54,26 +59,12 @@ if TYPE_CHECKING:
     from gateway.scp import StorageSCP
     from gateway.storage import DataDir
 
-__all__ = ["ListenerPool", "receive_path", "shared_out"]
+__all__ = ["ListenerPool", "receive_path"]
 
 log = logging.getLogger(__name__)
 
 #: Longest wait between two restarts of a listener process that keeps dying.
 _MAX_BACKOFF = 30.0
-
-
-def shared_out(settings: GatewaySettings) -> GatewaySettings:
-    """``settings`` with each per-listener cap divided over the listener processes (rounded up)."""
-    n = settings.listener_count()
-    if n == 1:
-        return settings
-    return settings.model_copy(
-        update={
-            "max_associations": -(-settings.max_associations // n),
-            "max_connections": -(-settings.max_connections // n),
-            "max_connections_per_address": -(-settings.max_connections_per_address // n),
-        }
-    )
 
 
 def receive_path(
@@ -83,11 +74,12 @@ def receive_path(
     index: Index,
     metrics: Metrics,
     quiet_seconds: Callable[[dict[str, Any], str], float],
+    slots: Slots | None = None,
 ) -> tuple[Ingest, StorageSCP]:
     """The ingest and the DIMSE listener of one process, the gateway's or a listener process's.
 
-    ``gateway`` is ``config.gateway`` with this process's ports; each listener
-    takes its share of the caps (:func:`shared_out`).
+    ``gateway`` is ``config.gateway`` with this process's ports; ``slots`` its
+    row of the caps table the listener processes share (none: one process).
     """
     from gateway.config import LatePolicy
     from gateway.ingest import Ingest
@@ -104,13 +96,14 @@ def receive_path(
         reprocess_late=c.late_instances == LatePolicy.REPROCESS,
     )
     scp = StorageSCP(
-        shared_out(gateway),
+        gateway,
         data,
         index,
         metrics,
         release_quiet_seconds=c.release_quiet_seconds if c.release_hint else None,
         ingest=ingest,
         abort_grace_seconds=c.abort_grace_seconds,
+        slots=slots,
     )
     return ingest, scp
 
@@ -147,6 +140,12 @@ class ListenerPool:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="aigw-listeners", daemon=True)
         self._ports: tuple[int, int | None] = (0, None)
+        #: What every listener process holds, the gateway's own listener as row 0.
+        self.table = SlotTable(
+            Caps.from_settings(config.gateway),
+            self.count + 1,
+            lock_path=config.gateway.data_dir / "locks" / "listener-slots.lock",
+        )
 
     def start(self, port: int, tls_port: int | None) -> None:
         """Start the processes on the ports the gateway's own listener bound."""
@@ -202,7 +201,14 @@ class ListenerPool:
         parent, child_end = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
             target=_listener_main,
-            args=(self.config, number, self._ports, hashlib.sha256(self._token.encode()).hexdigest(), child_end),
+            args=(
+                self.config,
+                number,
+                self._ports,
+                hashlib.sha256(self._token.encode()).hexdigest(),
+                child_end,
+                self.table,
+            ),
             name=f"aigw-listener-{number}",
             daemon=False,
         )
@@ -233,6 +239,8 @@ class ListenerPool:
                     self._on_lost(child.number)
                 except Exception:
                     log.exception("re-arming open series after a lost listener failed")
+                # Its connections died with it: their slots are free for the other processes.
+                self.table.clear(child.number)
                 # A process that keeps dying at once waits longer each time.
                 lived = time.monotonic() - child.started
                 wait = 0.0 if lived > 60 else min(_MAX_BACKOFF, max(1.0, 2 * self._backoff.get(child.number, 0.5)))
@@ -243,7 +251,7 @@ class ListenerPool:
 
 
 def _listener_main(
-    config: Config, number: int, ports: tuple[int, int | None], token_sha256: str, ready: Any
+    config: Config, number: int, ports: tuple[int, int | None], token_sha256: str, ready: Any, table: SlotTable
 ) -> None:
     """A listener process: the receive path on the shared ports until told to stop or the gateway is gone."""
     from gateway import _logging
@@ -263,7 +271,8 @@ def _listener_main(
     metrics = Metrics()
     # Only the routes' header conditions matter here (quiet periods); pipelines run elsewhere.
     router = Router(config.routes, {}, {}, default_quiet_seconds=config.completion.series_timeout_seconds)
-    ingest, scp = receive_path(config, gw, data, index, metrics, router.quiet_seconds)
+    table.clear(number)  # a restarted process starts with nothing held
+    ingest, scp = receive_path(config, gw, data, index, metrics, router.quiet_seconds, table.row(number))
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the gateway decides

@@ -42,6 +42,7 @@ from gateway.ingest import (
     Transport,
 )
 from gateway.metrics import Metrics
+from gateway.slots import Slots
 from gateway.status import Rejection, RejectReason, StorageStatus
 from gateway.storage import DataDir
 from gateway.tls import server_context
@@ -104,6 +105,10 @@ class StorageSCP:
         How long the series of an association that ends without a release
         (abort, dropped connection) stay open at least; ``None`` leaves their
         deadlines as they are.
+    slots : Slots, optional
+        This process's row of the connection and association caps that all
+        listener processes share (:mod:`gateway.slots`); by default the caps
+        count this listener alone.
     """
 
     def __init__(
@@ -119,6 +124,7 @@ class StorageSCP:
         *,
         ingest: Ingest | None = None,
         abort_grace_seconds: float | None = None,
+        slots: Slots | None = None,
     ) -> None:
         self.settings = settings
         self.data = data
@@ -126,6 +132,7 @@ class StorageSCP:
         self.metrics = metrics
         self._release_quiet = release_quiet_seconds
         self._abort_grace = abort_grace_seconds
+        self._slots = slots
         self._owns_ingest = ingest is None
         if ingest is None:
             if quiet_seconds is None:
@@ -195,6 +202,7 @@ class StorageSCP:
             self._refusals,
             tls,
             reuse_port=s.listener_count() > 1,  # gateway.listeners: the other processes bind the same ports
+            slots=self._slots,
         )
         self.port = self._server.start()
         # Read at scrape time: the selector thread owns the count, so it needs no lock.

@@ -120,14 +120,20 @@ class Gateway:
             from gateway.config import ConfigError
 
             raise ConfigError("\n".join(problems))
-        # One ingest for every transport (DESIGN invariant 6); each listener maps its refusals.
-        # With more listener processes, this one takes its share of the caps like each of them.
-        self.ingest, self.scp = receive_path(
-            config, config.gateway, self.data, self.index, self.metrics, self.router.quiet_seconds
-        )
         self.listeners: ListenerPool | None = None
         if config.gateway.listener_count() > 1:
             self.listeners = ListenerPool(config, on_lost=self._listener_lost)
+        # One ingest for every transport (DESIGN invariant 6); each listener maps its refusals.
+        # With more listener processes, this one is row 0 of the caps they share.
+        self.ingest, self.scp = receive_path(
+            config,
+            config.gateway,
+            self.data,
+            self.index,
+            self.metrics,
+            self.router.quiet_seconds,
+            self.listeners.table.row(0) if self.listeners is not None else None,
+        )
         # STOW-RS, the second transport of the same ingest (PS3.18 10.5), when enabled.
         self.dicomweb: DicomWebServer | None = None
         if config.dicomweb.enabled:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import multiprocessing
 import os
 import signal
 import time
@@ -16,8 +17,11 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.association import Association
 
 from gateway.index import conflicts_t
+from gateway.slots import Caps, SlotTable
 from tests.conftest import GatewayProcess, mr_series, storescu, wait_for
 
 MakeGateway = Callable[..., GatewayProcess]
@@ -151,3 +155,94 @@ def test_one_uid_from_eight_senders_in_two_processes_is_stored_once_and_never_ov
             assert conflicts.count(uid) == 4, "each copy of the other version is kept aside once"
     finally:
         index.close()
+
+
+# ------------------------------------------------- caps across the processes
+def test_caps_hold_for_all_rows_of_the_table_together(tmp_path: Path) -> None:
+    table = SlotTable(Caps(max_connections=4, max_per_address=2, max_associations=3), 3, tmp_path / "slots.lock")
+    a, b, c = table.row(0), table.row(1), table.row(2)
+    assert a.open("10.0.0.1") is None and b.open("10.0.0.1") is None
+    assert c.open("10.0.0.1") == "max_connections_per_address"  # two already, in other processes
+    assert c.open("10.0.0.2") is None and c.open("10.0.0.3") is None
+    assert a.open("10.0.0.4") == "max_connections"  # four in all
+    assert table.totals() == (4, 0)
+    assert a.associate() and b.associate() and c.associate()
+    assert not c.associate()  # max_associations in all
+    b.dissociate()
+    b.close("10.0.0.1")
+    assert a.open("10.0.0.1") is None and a.associate()  # the slots b gave back
+    assert a.held() == (2, 2)
+    table.clear(2)  # process 2 died: what it held is free
+    assert table.totals() == (2, 2)
+    assert b.open("10.0.0.5") is None and b.open("10.0.0.5") is None and b.open("10.0.0.5") is not None
+
+
+def _take(table: SlotTable, number: int, address: str, done: "multiprocessing.synchronize.Event") -> None:
+    slots = table.row(number)
+    assert slots.open(address) is None and slots.associate()
+    done.set()
+
+
+def test_the_table_is_shared_with_a_spawned_process(tmp_path: Path) -> None:
+    """Listener processes are started with ``spawn``: the table they get is the parent's memory."""
+    table = SlotTable(Caps(max_connections=2, max_per_address=1, max_associations=1), 2, tmp_path / "slots.lock")
+    ctx = multiprocessing.get_context("spawn")
+    done = ctx.Event()
+    proc = ctx.Process(target=_take, args=(table, 1, "10.0.0.1", done))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0 and done.is_set()
+    mine = table.row(0)
+    assert table.totals() == (1, 1)
+    assert mine.open("10.0.0.1") == "max_connections_per_address"
+    assert mine.open("10.0.0.2") is None and not mine.associate()
+
+
+def _associate(port: int, source: str) -> Association:
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    return ae.associate("127.0.0.1", port, ae_title="AIGW", bind_address=(source, 0))
+
+
+def test_caps_hold_for_all_listener_processes_together_and_a_dead_ones_slots_come_back(
+    make_gateway: MakeGateway,
+) -> None:
+    """However the kernel spreads connections over four processes, the caps are the site's, not a share."""
+    gw = make_gateway(gateway={"listener_processes": 4, "max_associations": 4, "max_connections_per_address": 3})
+    assert gw.proc is not None
+    pid = gw.proc.pid
+    children = _children(pid)
+    assert len(children) == 3
+
+    def fill() -> list[Association]:
+        held = [_associate(gw.port, "127.0.0.1") for _ in range(3)]
+        assert all(a.is_established for a in held), "refused under max_connections_per_address"
+        over = _associate(gw.port, "127.0.0.1")
+        assert over.is_rejected, "a fourth association from one address was accepted"
+        held.append(_associate(gw.port, "127.0.0.2"))
+        assert held[-1].is_established, "refused under max_associations"
+        over = _associate(gw.port, "127.0.0.3")
+        assert over.is_rejected, "a fifth association was accepted"
+        return held
+
+    held = fill()
+    metrics = gw.metrics()
+    assert metrics['aigw_associations_rejected_total{reason="address_connection_limit"}'] == 1
+    assert metrics['aigw_associations_rejected_total{reason="local_limit_exceeded"}'] == 1
+    # kill -9 of every listener process: what they held is given back when they are started again.
+    for child in children:
+        os.kill(child, signal.SIGKILL)
+    wait_for(lambda: len(set(_children(pid)) - set(children)) == 3, 60, "three new listener processes")
+    for assoc in held:
+        if assoc.is_established:
+            assoc.release()
+
+    def refill() -> bool:
+        held = [_associate(gw.port, "127.0.0.1") for _ in range(3)] + [_associate(gw.port, "127.0.0.2")]
+        ok = all(a.is_established for a in held)
+        for a in held:
+            if a.is_established:
+                a.release()
+        return ok
+
+    wait_for(refill, 20, "every slot free again", interval=0.5)
