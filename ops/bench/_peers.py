@@ -13,6 +13,7 @@ names (``storescu``, ``storescp``, ``echoscu``), and those are not DCMTK.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -237,11 +238,26 @@ class GatewayPeer(_Peer):
         self.data_dir = workdir / "data"
         self.series_timeout = series_timeout
         self.config = config
+        self.listener_processes = listener_processes
         if listener_processes > 1:
             if config is not None:
                 raise BenchError("GatewayPeer: listener_processes needs the peer's own configuration")
             self.config = workdir / "aigw.toml"
             self.config.write_text(f"[gateway]\nlistener_processes = {listener_processes}\n")
+
+    def start(self, timeout: float = 90.0) -> _Peer:
+        super().start(timeout)
+        # The gateway's own listener answers C-ECHO before its other listener
+        # processes have finished starting; their start-up (imports) must not
+        # fall into the timed window, nor compete with it for the cores.
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if len(re.findall(r"listener process \d+ \(pid \d+\) on port", _tail(self.log, 10_000))) >= (
+                self.listener_processes - 1
+            ):
+                return self
+            time.sleep(0.2)
+        raise BenchError(f"{self.name}: listener processes not up within {timeout:.0f} s:\n{_tail(self.log)}")
 
     def cpu_seconds(self) -> float | None:
         """CPU of the gateway process and of its listener processes."""
