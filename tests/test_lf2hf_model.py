@@ -255,21 +255,7 @@ def test_restore_in_domain_beats_bicubic_on_every_slice(
     assert min(gains) >= 0.0, np.round(gains, 2)
 
 
-@pytest.mark.parametrize(
-    "field_t",
-    [
-        pytest.param(
-            0.064,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known weakness (model card): at 0.064 T the learned restoration is below TV on the brain "
-                "(bench: -0.48 dB T1w, +0.67 dB T2w)",
-            ),
-        ),
-        0.3,
-        0.55,
-    ],
-)
+@pytest.mark.parametrize("field_t", BENCH_FIELDS)
 def test_restore_in_domain_no_worse_than_tv(
     field_t: float, brain_restore_scores: dict[float, list[dict[str, dict[str, float]]]]
 ) -> None:

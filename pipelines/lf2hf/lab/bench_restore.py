@@ -255,7 +255,7 @@ def write_restore_manifest(model: Path, manifest: Path, metrics: dict[str, Any],
         model,
         manifest,
         "lf2hf-dc",
-        "1.0.0",
+        "1.1.0",
         preprocessing={
             "function": "pipelines.lf2hf.infer.restore",
             "loop": "x = D(x0, c0); x = D(x - step (P x - x0), ck) for k = 1..K-1; projection onto "
