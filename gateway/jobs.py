@@ -307,8 +307,17 @@ class JobRunner:
             jlog.warning("attempt %d failed, retry in %.0f s: %s", job.attempts, retry_at - time.time(), error)
 
     def _store_outputs(self, job_id: int, outputs: Sequence[Dataset]) -> list[OutputRow]:
-        """Write outputs durably; without destinations they go to the outbox."""
-        folder = self.data.job_dir(job_id) / "out" if self.config.destinations else self.data.outbox_dir(job_id)
+        """Write outputs durably; without destinations they go to the outbox.
+
+        The outbox is read by people and scripts, so a job's folder appears
+        there whole or not at all: the files are written next to the job's
+        work and the folder is renamed in once every file is durable.
+        """
+        if self.config.destinations:
+            folder = final = self.data.job_dir(job_id) / "out"
+        else:
+            final = self.data.outbox_dir(job_id)
+            folder = self.data.outbox_staging(job_id)
         stored = []
         for ds in outputs:
             if not isinstance(ds, Dataset):
@@ -318,10 +327,11 @@ class JobRunner:
             study = checked_uid(ds.get("StudyInstanceUID"), "output StudyInstanceUID")
             series = checked_uid(ds.get("SeriesInstanceUID"), "output SeriesInstanceUID")
             _finalise(ds)
-            path = folder / f"{sop}.dcm"
-            with write_durably(path) as fh:
+            with write_durably(folder / f"{sop}.dcm") as fh:
                 ds.save_as(fh, enforce_file_format=True)
-            stored.append(OutputRow(sop, sop_class, study, series, str(path)))
+            stored.append(OutputRow(sop, sop_class, study, series, str(final / f"{sop}.dcm")))
+        if folder != final:
+            self.data.publish_outbox(folder, final)
         return stored
 
 

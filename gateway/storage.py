@@ -121,9 +121,23 @@ class DataDir:
         return path
 
     def outbox_dir(self, job_id: int) -> Path:
-        path = self.root / "outbox" / f"{int(job_id):08d}"
-        path.mkdir(parents=True, exist_ok=True)
+        return self.root / "outbox" / f"{int(job_id):08d}"
+
+    def outbox_staging(self, job_id: int) -> Path:
+        """An empty folder, beside the job's work, where its results are written first."""
+        path = self.job_dir(job_id) / "outbox.partial"
+        shutil.rmtree(path, ignore_errors=True)  # an earlier attempt's leftovers
+        path.mkdir()
         return path
+
+    def publish_outbox(self, staged: Path, final: Path) -> None:
+        """Move a job's complete, durable results into the outbox in one rename."""
+        if final.exists():
+            # The same job ran again (a retry after a crash between the rename and
+            # the index update): its new results replace the old ones whole.
+            shutil.rmtree(final)
+        os.rename(staged, final)
+        fsync_dir(final.parent)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free

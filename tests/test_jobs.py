@@ -11,6 +11,7 @@ import pytest
 from pydicom import dcmread
 
 from gateway.index import JobRow
+from gateway.storage import DataDir
 from tests.conftest import GatewayProcess, Orthanc, mr_series, storescu, wait_for
 
 pytestmark = pytest.mark.peers
@@ -132,3 +133,20 @@ def test_unrouted_series_counted_and_forwarded(
     wait_for(lambda: orthanc.instance_uids(), 30, "the original forwarded to PACS")
     assert gw.metrics()["aigw_series_unrouted_total"] == 1
     assert jobs(gw) == []
+
+
+def test_an_outbox_folder_appears_whole_and_a_retry_replaces_it(tmp_path: Path) -> None:
+    # Scripts and people pick results up from the outbox as soon as a job's
+    # folder shows: it must never be there with only some of the files.
+    data = DataDir(tmp_path / "data")
+    final = data.outbox_dir(7)
+    staged = data.outbox_staging(7)
+    (staged / "a.dcm").write_bytes(b"first attempt")
+    assert not final.exists() and not list((data.root / "outbox").rglob("*.dcm"))
+    data.publish_outbox(staged, final)
+    assert [p.name for p in final.iterdir()] == ["a.dcm"] and not staged.exists()
+    # The job ran again after a crash between the rename and the index update.
+    staged = data.outbox_staging(7)
+    (staged / "b.dcm").write_bytes(b"second attempt")
+    data.publish_outbox(staged, final)
+    assert [p.name for p in final.iterdir()] == ["b.dcm"]
