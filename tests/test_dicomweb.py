@@ -377,6 +377,30 @@ def test_wrong_or_missing_token_is_401_and_stores_nothing(
 
 
 @pytest.mark.peers
+def test_a_refusal_reaches_a_client_still_sending_its_body(stow_gateway: tuple[GatewayProcess, int]) -> None:
+    """The 401 is answered at the headers; a client that sends its body anyway must still read it.
+
+    Closing with the body unread would reset the connection: the client's
+    send fails with EPIPE and the answer is lost (seen with plain clients).
+    """
+    _, port = stow_gateway
+    body = multipart([b"\0" * (8 << 20)])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(
+            (
+                f"POST /studies HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                f'Content-Type: multipart/related; type="application/dicom"; boundary={BOUNDARY}\r\n\r\n'
+            ).encode()
+        )
+        time.sleep(0.5)  # the answer is sent and the connection ends, all before the body is read
+        s.sendall(body)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 401"), reply[:100]
+
+
+@pytest.mark.peers
 def test_study_in_the_url_refuses_parts_of_another_study(
     tmp_path: Path, stow_gateway: tuple[GatewayProcess, int]
 ) -> None:

@@ -11,6 +11,7 @@ BCP 195 context as the DICOM TLS port (:func:`gateway.tls.server_context`).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -104,6 +105,48 @@ class _ClientCertificateH11(H11Protocol):
                 await inner(scope, receive, send)
 
             self.app = app
+
+
+#: An error found before the whole body was read is answered after up to this
+#: much more of the body has been read and dropped, as nginx's lingering close
+#: does: closing with bytes unread makes the kernel reset the connection, and a
+#: client that is still sending then sees a broken pipe instead of the answer.
+_DRAIN_BYTES = 64 * 1024**2
+_DRAIN_SECONDS = 2.0
+
+
+class _Body:
+    """A request's ASGI ``receive`` that notes whether the body was begun and read to its end."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.started = False
+        self.ended = False
+
+    async def __call__(self) -> AsgiMessage:
+        self.started = True
+        message = await self._receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.ended = True
+        return message
+
+    async def drain(self, request: Request) -> None:
+        """Read and drop what is left of the body, within :data:`_DRAIN_BYTES` and :data:`_DRAIN_SECONDS`."""
+        if self.ended:
+            return
+        if not self.started and "100-continue" in request.headers.get("expect", "").lower():
+            return  # the client sends the body only when told to continue, and never will be
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > _DRAIN_BYTES:
+            return  # it could not be drained in time anyway
+        loop = asyncio.get_running_loop()
+        deadline, left = loop.time() + _DRAIN_SECONDS, _DRAIN_BYTES
+        while not self.ended and left > 0:
+            try:
+                message = await asyncio.wait_for(self(), deadline - loop.time())
+            except TimeoutError:
+                return
+            left -= len(message.get("body", b""))
 
 
 def _error(status: int, detail: str, close: bool = False, headers: dict[str, str] | None = None) -> Response:
@@ -275,6 +318,13 @@ class DicomWebServer:
 
     async def _stow(self, request: Request) -> Response:
         """STOW-RS Store Instances (PS3.18 10.5): ``POST /studies[/{study}]``."""
+        body = _Body(request.receive)
+        response = await self._store(request, body)
+        if response.status_code >= 400 and response.status_code != 408:  # a 408's client is not sending
+            await body.drain(request)
+        return response
+
+    async def _store(self, request: Request, body: _Body) -> Response:
         who = self._authenticate(request)
         if isinstance(who, Response):
             return who
@@ -303,7 +353,7 @@ class DicomWebServer:
         source = Source(Transport.DICOMWEB, who, address)
         try:
             parts = await receive_parts(
-                request.receive,
+                body,
                 boundary.encode("latin-1"),
                 self.data.incoming,
                 limit,
@@ -314,7 +364,7 @@ class DicomWebServer:
             log.warning("STOW-RS request from %s refused with HTTP %d: %s", who, exc.status, exc.detail)
             return _error(exc.status, exc.detail, True)
         results = await ingest_parts(self.ingest, parts, study, source)
-        status, body = store_response(results)
+        status, answer = store_response(results)
         failed = sum(r.failure is not None for r in results)
         log.info(
             "STOW-RS from %s: %d part(s), %d stored, %d failed; HTTP %d",
@@ -324,4 +374,4 @@ class DicomWebServer:
             failed,
             status,
         )
-        return Response(json.dumps(body), status_code=status, media_type=DICOM_JSON)
+        return Response(json.dumps(answer), status_code=status, media_type=DICOM_JSON)
