@@ -62,6 +62,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
     return value
 
 
+def wait_sent(gw: GatewayProcess, destination: str, n: int, timeout: float = 30) -> int:
+    """The gateway's count of sends to ``destination`` that succeeded, once it reaches ``n``.
+
+    A peer holds an instance before its answer reaches the gateway, which
+    counts the send only after recording it: checking the count as soon as the
+    peer has the instances races that. The caller compares the returned count
+    with ``n``, so a count that went past it still fails.
+    """
+    key = f'aigw_send_attempts_total{{destination="{destination}",outcome="sent"}}'
+    wait_for(lambda: gw.metrics().get(key, 0) >= n, timeout, f"{n} send(s) to {destination} counted")
+    return int(gw.metrics().get(key, 0))
+
+
 def http_get(url: str, timeout: float = 5) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:

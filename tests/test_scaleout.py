@@ -24,7 +24,17 @@ import pytest
 
 from gateway.config import ConfigError, load_config
 from gateway.index import Index
-from tests.conftest import REPO, GatewayProcess, Orthanc, free_port, http_get, mr_series, storescu, wait_for
+from tests.conftest import (
+    REPO,
+    GatewayProcess,
+    Orthanc,
+    free_port,
+    http_get,
+    mr_series,
+    storescu,
+    wait_for,
+    wait_sent,
+)
 from tests.services import Server
 
 pytestmark = pytest.mark.peers
@@ -248,7 +258,7 @@ def test_worker_killed_mid_job_results_reach_pacs_once(
     rows = sends(pg_url, list(by_id))
     assert len(rows) == expected and len({(s.sop_instance_uid, s.destination) for s in rows}) == expected
     assert all(s.state == "sent" and s.attempts == 1 for s in rows)
-    assert gw.metrics()['aigw_send_attempts_total{destination="orthanc",outcome="sent"}'] == expected
+    assert wait_sent(gw, "orthanc", expected) == expected
 
     # PACS holds each output series once, with each instance once.
     held = pacs_series(orthanc)
@@ -294,7 +304,7 @@ def test_lost_and_duplicated_wakeups_neither_lose_nor_repeat_a_job(
     (again,) = jobs(pg_url)
     assert (again.state, again.attempts, again.finished_at) == ("sent", 1, job.finished_at)
     assert len(sends(pg_url, [job.id])) == 2
-    assert gw.metrics()['aigw_send_attempts_total{destination="orthanc",outcome="sent"}'] == 2
+    assert wait_sent(gw, "orthanc", 2) == 2
     assert sum(len(u) for u in pacs_series(orthanc).values()) == 2
     # The worker's own Prometheus endpoint counts the job it ran.
     code, body = http_get(f"http://127.0.0.1:{worker.metrics_port}/metrics")
