@@ -7,8 +7,10 @@ selector thread accepts every connection instead, at the cost of a few
 bytes each, and enforces before any thread exists:
 
 * caps on open connections, in total and per source address; a connection
-  over a cap gets an A-ASSOCIATE-RJ (transient, local limit exceeded) and is
-  closed at once;
+  over a cap gets an A-ASSOCIATE-RJ (transient, local limit exceeded) at
+  once and holds no slot, and its request is read and dropped until the
+  peer closes, for a few seconds at most, so that it is not reset under the
+  rejection;
 * ARTIM (PS3.8 9.1.5): a whole A-ASSOCIATE-RQ must arrive within
   ``artim_seconds`` of the accept, or the connection is closed (PS3.8 9.2,
   state Sta2, event Evt18, action AA-2);
@@ -76,6 +78,13 @@ _RQ_FIXED = 68
 #: How often the selector loop wakes with nothing to do: to notice ended
 #: associations and a stop request.
 _TICK_SECONDS = 0.25
+#: A connection turned away over a cap is kept, holding no slot, until its
+#: peer closes, for at most this long and at most this many at a time (a
+#: flood of them is closed at once). Closing at once while the peer's
+#: A-ASSOCIATE-RQ is arriving resets the connection, and the peer then sees
+#: an abort instead of the A-ASSOCIATE-RJ that tells it to retry later.
+_TURNED_AWAY_LINGER_SECONDS = 5.0
+_TURNED_AWAY_MAX = 256
 
 Verdict = Rejection | Abort
 
@@ -481,6 +490,8 @@ class _Conn:
     closing: bool = False
     #: A TLS connection whose handshake is not done yet.
     handshaking: bool = False
+    #: False for a connection turned away over a cap: it counts against none.
+    holds_slot: bool = True
 
 
 @dataclass
@@ -561,6 +572,7 @@ class FrontDoor:
             self.tls_port = int(tls_sock.getsockname()[1])
         self._sel = selectors.DefaultSelector()
         self._conns: dict[int, _Conn] = {}
+        self._turned_away = 0  # of self._conns, those that hold no slot
         self._live: list[tuple[Association, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="aigw-frontdoor", daemon=True)
@@ -588,7 +600,7 @@ class FrontDoor:
     @property
     def connections(self) -> int:
         """Connections open now: held here or handed off."""
-        return len(self._conns) + len(self._live)
+        return len(self._conns) - self._turned_away + len(self._live)
 
     def refused(self, peer: str, verdict: Verdict, detail: str) -> None:
         """Count and log one refusal (thread-safe)."""
@@ -629,9 +641,9 @@ class FrontDoor:
             plain = listener.ssl_context is None
             cap = self._slots.open(address)  # counted in every listener process's total
             if cap == "max_connections":
-                self._turn_away(sock, address, RejectReason.TOO_MANY_CONNECTIONS, cap, plain)
+                self._turn_away(sock, peer, RejectReason.TOO_MANY_CONNECTIONS, cap, plain)
             elif cap is not None:
-                self._turn_away(sock, address, RejectReason.TOO_MANY_FROM_ADDRESS, cap, plain)
+                self._turn_away(sock, peer, RejectReason.TOO_MANY_FROM_ADDRESS, cap, plain)
             else:
                 if listener.ssl_context is not None:
                     # The handshake runs in the selector loop (_handshake), bounded by ARTIM.
@@ -641,16 +653,28 @@ class FrontDoor:
                 self._conns[sock.fileno()] = conn
                 self._sel.register(sock, selectors.EVENT_READ, conn)
 
-    def _turn_away(self, sock: socket.socket, address: str, rejection: Rejection, cap: str, answer: bool) -> None:
-        """Refuse a connection over a cap: A-ASSOCIATE-RJ transient (if ``answer``), close, nothing held."""
+    def _turn_away(self, sock: socket.socket, peer: Any, rejection: Rejection, cap: str, answer: bool) -> None:
+        """Refuse a connection over a cap: A-ASSOCIATE-RJ transient (if ``answer``), nothing held.
+
+        The peer's request is then read and dropped until it closes, as after
+        any refusal (Sta13), but within :data:`_TURNED_AWAY_LINGER_SECONDS`.
+        """
+        address = str(peer[0])
         self.refused(address, rejection, f"{cap} reached")
         try:
             if answer:
                 sock.send(reject_pdu(rejection))
             sock.shutdown(socket.SHUT_WR)
         except OSError:
-            pass
-        sock.close()
+            answer = False
+        if not answer or self._turned_away >= _TURNED_AWAY_MAX:
+            sock.close()
+            return
+        deadline = time.monotonic() + min(self.limits.artim_seconds, _TURNED_AWAY_LINGER_SECONDS)
+        conn = _Conn(sock, (address, int(peer[1])), deadline, closing=True, holds_slot=False)
+        self._conns[sock.fileno()] = conn
+        self._turned_away += 1
+        self._sel.register(sock, selectors.EVENT_READ, conn)
 
     def _service(self, conn: _Conn) -> None:
         """Serve a readable (or, in a handshake, writable) connection.
@@ -784,7 +808,10 @@ class FrontDoor:
     def _close(self, conn: _Conn) -> None:
         fd = conn.sock.fileno()
         if self._conns.pop(fd, None) is not None:
-            self._slots.close(conn.peer[0])
+            if conn.holds_slot:
+                self._slots.close(conn.peer[0])
+            else:
+                self._turned_away -= 1
             try:
                 self._sel.unregister(conn.sock)
             except (KeyError, ValueError):

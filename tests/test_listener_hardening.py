@@ -262,6 +262,27 @@ def test_idle_connections_cost_no_threads_and_caps_turn_the_rest_away(make_gatew
     assert_echo_fast(gw)
 
 
+def test_a_sender_turned_away_over_a_cap_reads_the_rejection_not_a_reset(make_gateway: MakeGateway) -> None:
+    # The rejection is sent at the accept, while the sender's A-ASSOCIATE-RQ is
+    # on its way. Closing at once would reset the connection under it: its
+    # send fails or the rejection is lost, and it sees an abort (seen with
+    # pynetdicom as a sender), not the transient refusal that says retry later.
+    gw = hardened(make_gateway, max_connections_per_address=1)
+    cap = RejectReason.TOO_MANY_FROM_ADDRESS
+    with sockets() as held:
+        held.append(associate(gw.port))
+        for _ in range(3):
+            extra = connect(gw.port)
+            held.append(extra)
+            extra.sendall(associate_rq())
+            time.sleep(0.3)  # long after the rejection was sent
+            extra.sendall(associate_rq())  # a sender that has not read it yet
+            assert read_pdu(extra, 2) == (0x03, bytes([0, cap.result, cap.source, cap.diagnostic]))
+            assert closed_within(extra, 4), "a turned-away connection is kept only briefly"
+        assert gw.metrics()["aigw_connections_open"] == 1, "a turned-away connection held a slot"
+    assert rejected(gw, cap.label) == 3
+
+
 def test_declared_4gb_pdu_is_aborted_before_its_body(make_gateway: MakeGateway) -> None:
     gw = hardened(make_gateway)
     hwm_before = proc_status(gw, "VmHWM")  # kB
