@@ -379,6 +379,14 @@ class JobSettings(_Strict):
         "'Rejected for Quality Reasons') for the superseded instances; only for a PACS that acts on IOCM",
     )
     max_attempts: int = Field(default=3, ge=1, le=100)
+    max_starts: int = Field(
+        default=6,
+        ge=1,
+        le=1000,
+        description="a job found running when its process died (a crash, kill -9, out of memory) is started again, "
+        "until it has been started this many times; then it fails for good, so that a job that kills its process "
+        "cannot keep the service in a crash loop",
+    )
     backoff_seconds: float = Field(default=5.0, ge=0)
     backoff_max_seconds: float = Field(default=600.0, ge=0)
     lease_seconds: float = Field(default=120.0, ge=5)

@@ -64,7 +64,7 @@ from prometheus_client import Counter, Gauge
 from gateway._loop import PeriodicLoop
 from gateway.config import Config, ConfigError, DeviceClass
 from gateway.index import Index
-from gateway.jobs import JobRunner, node_id
+from gateway.jobs import JobRunner, node_id, take_back_interrupted
 from gateway.metrics import Metrics, dependency_checks
 
 try:
@@ -150,6 +150,7 @@ class JobPublisher(PeriodicLoop):
     def __init__(self, index: Index, config: Config, metrics: Metrics) -> None:
         self.index = index
         self.config = config
+        self.metrics = metrics
         self.app = make_app(config)
         self.broker_up = Gauge(
             "aigw_broker_up", "1 if the last exchange with the job broker succeeded", registry=metrics.registry
@@ -190,7 +191,7 @@ class JobPublisher(PeriodicLoop):
         lease = self.config.jobs.lease_seconds
         if now - self._last_requeue > lease / 3:
             self._last_requeue = now
-            n = self.index.requeue_running(now=now)  # leases of dead workers
+            n = take_back_interrupted(self.index, self.config, self.metrics)  # leases of dead workers
             if n:
                 log.warning("requeued %d job(s) whose worker stopped renewing its lease", n)
         rows = self.index.runnable_jobs(now)

@@ -120,6 +120,28 @@ class DeviceSlots:
             sem.release()
 
 
+def take_back_interrupted(
+    index: Index, config: Config, metrics: Metrics, *, owner_prefix: str | None = None, expired_only: bool = True
+) -> int:
+    """Queue again the running jobs whose process died; fail those started ``[jobs] max_starts`` times.
+
+    Returns how many were queued again. Each failed one is logged and counted
+    as failed: a job that kills its process must not keep the service in a crash loop.
+    """
+    queued, failed = index.requeue_running(
+        now=time.time(), owner_prefix=owner_prefix, expired_only=expired_only, max_starts=config.jobs.max_starts
+    )
+    for job in failed:
+        metrics.jobs.labels(pipeline=job.pipeline, outcome="failed").inc()
+        _JobLog(log, {"job": job.id, "pipeline": job.pipeline}).error(
+            "failed for good: started %d times and its process died during the last run (a crash, kill -9 or "
+            "out of memory); 'aigw jobs retry %d' runs it again",
+            job.attempts,
+            job.id,
+        )
+    return queued
+
+
 class _JobLog(logging.LoggerAdapter[logging.Logger]):
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         return f"[job {self.extra['job']} {self.extra['pipeline']}] {msg}", kwargs  # type: ignore[index]
@@ -357,7 +379,7 @@ class LocalExecutor(PeriodicLoop):
         # Embedded mode: every job still 'running' under this host was owned by
         # a previous process of ours that died; take it up again now.
         host = self.owner.split(":")[0] + ":"
-        n = self.index.requeue_running(now=time.time(), owner_prefix=host, expired_only=False)
+        n = take_back_interrupted(self.index, self.config, self.metrics, owner_prefix=host, expired_only=False)
         if n:
             log.warning("requeued %d job(s) interrupted by a previous shutdown or crash", n)
         super().start()
@@ -376,7 +398,7 @@ class LocalExecutor(PeriodicLoop):
                 running = list(self._running)
             for jid in running:
                 self.index.renew_lease(jid, self.owner, now + lease)
-            self.index.requeue_running(now=now)  # leases of dead nodes
+            take_back_interrupted(self.index, self.config, self.metrics)  # leases of dead nodes
         while self._slots.acquire(blocking=False):
             job = self.index.claim_job(self.owner, now=time.time(), lease_seconds=lease)
             if job is None:

@@ -150,3 +150,34 @@ def test_an_outbox_folder_appears_whole_and_a_retry_replaces_it(tmp_path: Path) 
     (staged / "b.dcm").write_bytes(b"second attempt")
     data.publish_outbox(staged, final)
     assert [p.name for p in final.iterdir()] == ["b.dcm"]
+
+
+def test_a_job_that_kills_its_process_fails_for_good_after_max_starts(
+    make_gateway: Callable[..., GatewayProcess], tmp_path: Path
+) -> None:
+    gw = make_gateway(series_timeout=1, release_quiet=0.2, jobs={"max_starts": 2})
+    assert storescu(gw.port, mr_series(tmp_path / "c", n=2, description="CRASH", seed=91)).returncode == 0
+
+    # What systemd's Restart=always or Docker's restart policy does.
+    restarts = 0
+    end = time.time() + 90
+    while not [j for j in jobs(gw) if j.state == "failed"]:
+        assert time.time() < end, f"no end to the crash loop after {restarts} restarts"
+        if gw.proc is not None and gw.proc.poll() is None:
+            time.sleep(0.2)
+            continue
+        restarts += 1
+        try:
+            gw.start()
+        except AssertionError:
+            pass  # it died again before it was ready
+    # Started at the first start and after the first restart; the second restart fails it.
+    (job,) = jobs(gw)
+    assert restarts == 2 and job.attempts == 2, (restarts, job)
+    assert job.error is not None and "max_starts" in job.error
+    assert "failed for good: started 2 times and its process died" in gw.log()
+    assert gw.metrics()['aigw_jobs_total{outcome="failed",pipeline="test-invert"}'] == 1
+    # The service stays up and runs the next series.
+    assert storescu(gw.port, mr_series(tmp_path / "ok", n=2, seed=92)).returncode == 0
+    wait_for(lambda: [j for j in jobs(gw) if j.state == "sent"], 30, "the next series' job")
+    assert gw.proc is not None and gw.proc.poll() is None

@@ -393,7 +393,7 @@ def test_publisher_routes_by_device_class_and_announces_each_state_once(
         job = idx.claim_job("dead-node:1/x", now=time.time(), lease_seconds=60, job_id=ids[1])
         assert job is not None and job.pipeline == "big"
         assert idx.claim_job("other:2/y", now=time.time(), lease_seconds=60, job_id=ids[1]) is None
-        assert idx.requeue_running(now=time.time(), expired_only=False) == 1
+        assert idx.requeue_running(now=time.time(), expired_only=False) == (1, [])
         pub.run_once()
         assert (broker.ready_messages("cpu"), broker.ready_messages("gpu")) == (1, 2)
     finally:

@@ -167,16 +167,40 @@ class JobTable(IndexBase):
             res = conn.execute(_owned_running(job_id, owner).values(lease_until=until))
             return bool(res.rowcount)
 
-    def requeue_running(self, *, now: float, owner_prefix: str | None = None, expired_only: bool = True) -> int:
-        """Put jobs whose worker died back in the queue (at-least-once execution)."""
+    def requeue_running(
+        self, *, now: float, owner_prefix: str | None = None, expired_only: bool = True, max_starts: int | None = None
+    ) -> tuple[int, list[JobRow]]:
+        """Put jobs whose worker died back in the queue (at-least-once execution).
+
+        A job already started ``max_starts`` times fails for good instead:
+        when every run of a job ends with its process (a crash in a model
+        runtime, the out-of-memory killer), queueing it again would take the
+        service down again and again. Returns how many were queued again and
+        the rows of those failed, as they were before.
+        """
+        cond = jobs_t.c.state == JobState.RUNNING.value
+        if expired_only:
+            cond = cond & (jobs_t.c.lease_until < now)
+        if owner_prefix is not None:
+            cond = cond & jobs_t.c.owner.like(f"{owner_prefix}%")
         with self._tx() as conn:
-            q = jobs_t.update().where(jobs_t.c.state == JobState.RUNNING.value)
-            if expired_only:
-                q = q.where(jobs_t.c.lease_until < now)
-            if owner_prefix is not None:
-                q = q.where(jobs_t.c.owner.like(f"{owner_prefix}%"))
+            failed: list[JobRow] = []
+            if max_starts is not None:
+                worn = cond & (jobs_t.c.attempts >= max_starts)
+                failed = [from_row(JobRow, r) for r in conn.execute(sa.select(jobs_t).where(worn))]
+                if failed:
+                    error = (
+                        f"started {max_starts} times ([jobs] max_starts) and its process died during the last run "
+                        "(a crash, kill -9 or out of memory); not started again"
+                    )
+                    conn.execute(
+                        jobs_t.update()
+                        .where(worn)
+                        .values(state=JobState.FAILED.value, owner=None, lease_until=None, finished_at=now, error=error)
+                    )
+            q = jobs_t.update().where(cond)
             res = conn.execute(q.values(state=JobState.QUEUED.value, owner=None, lease_until=None, next_attempt_at=now))
-            return int(res.rowcount or 0)
+            return int(res.rowcount or 0), failed
 
     def job_succeeded(
         self,

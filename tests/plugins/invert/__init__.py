@@ -24,7 +24,8 @@ do, with ``plugins = ["tests.plugins.invert:InvertPipeline"]``.
 It exercises the whole contract (selector, declared model, sessions,
 deterministic UIDs, derived DICOM out) and has knobs for failure tests: see
 :class:`~tests.plugins.invert.options.InvertOptions`; a series whose
-SeriesDescription contains ``REJECT`` fails with InputError.
+SeriesDescription contains ``REJECT`` fails with InputError, and one with
+``CRASH`` kills the process running it.
 """
 
 from tests.plugins.invert.options import InvertOptions

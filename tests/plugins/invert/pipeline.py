@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,8 +37,11 @@ class InvertPipeline:
         return [ModelSpec(MODEL_NAME)]
 
     def run(self, series: Series, ctx: RunContext) -> list[Dataset]:
-        if "REJECT" in str(series.first("SeriesDescription", "")):
+        description = str(series.first("SeriesDescription", ""))
+        if "REJECT" in description:
             raise InputError("series description asks for rejection")
+        if "CRASH" in description:
+            os.kill(os.getpid(), signal.SIGKILL)  # as a crash in a model runtime or the out-of-memory killer would
         self._test_knobs(ctx)
         images = read_images(series)
         out = []
