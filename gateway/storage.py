@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,10 +125,14 @@ class DataDir:
         return self.root / "outbox" / f"{int(job_id):08d}"
 
     def outbox_staging(self, job_id: int) -> Path:
-        """An empty folder, beside the job's work, where its results are written first."""
-        path = self.job_dir(job_id) / "outbox.partial"
-        shutil.rmtree(path, ignore_errors=True)  # an earlier attempt's leftovers
-        path.mkdir()
+        """A new empty folder, beside the job's work, where one run writes its results first.
+
+        One per run: a run that lost its lease may still be writing while the
+        run that replaced it starts (a crashed run's folder stays in the job's
+        work folder, which is not the outbox).
+        """
+        path = self.job_dir(job_id) / f"outbox.partial.{uuid.uuid4().hex}"
+        path.mkdir()  # not mkdtemp: its mode 0700 would go with the folder into the outbox
         return path
 
     def publish_outbox(self, staged: Path, final: Path) -> None:
