@@ -380,12 +380,12 @@ class JobSettings(_Strict):
     )
     max_attempts: int = Field(default=3, ge=1, le=100)
     max_starts: int = Field(
-        default=6,
+        default=10,
         ge=1,
         le=1000,
-        description="a job found running when its process died (a crash, kill -9, out of memory) is started again, "
-        "until it has been started this many times; then it fails for good, so that a job that kills its process "
-        "cannot keep the service in a crash loop",
+        description="a job found running when its process died (a crash, kill -9, out of memory) is started again "
+        "(at once the first two times, then after backoff_seconds doubling) until it has been started this many "
+        "times; then it fails for good, so that a job that kills its process cannot keep the service in a crash loop",
     )
     backoff_seconds: float = Field(default=5.0, ge=0)
     backoff_max_seconds: float = Field(default=600.0, ge=0)

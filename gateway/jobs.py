@@ -120,6 +120,13 @@ class DeviceSlots:
             sem.release()
 
 
+#: Runs of a job cut short by its process's death that are started again at
+#: once; after them each waits an exponential backoff: a kill -9 or a restart
+#: costs no delay, a job that keeps killing its process lets the service run
+#: between the crashes.
+IMMEDIATE_RESTARTS = 2
+
+
 def take_back_interrupted(
     index: Index, config: Config, metrics: Metrics, *, owner_prefix: str | None = None, expired_only: bool = True
 ) -> int:
@@ -128,8 +135,15 @@ def take_back_interrupted(
     Returns how many were queued again. Each failed one is logged and counted
     as failed: a job that kills its process must not keep the service in a crash loop.
     """
+    jc = config.jobs
+
+    def delay(attempts: int) -> float:
+        if attempts <= IMMEDIATE_RESTARTS:
+            return 0.0
+        return backoff(attempts - IMMEDIATE_RESTARTS, jc.backoff_seconds, jc.backoff_max_seconds)
+
     queued, failed = index.requeue_running(
-        now=time.time(), owner_prefix=owner_prefix, expired_only=expired_only, max_starts=config.jobs.max_starts
+        now=time.time(), owner_prefix=owner_prefix, expired_only=expired_only, max_starts=jc.max_starts, delay=delay
     )
     for job in failed:
         metrics.jobs.labels(pipeline=job.pipeline, outcome="failed").inc()

@@ -181,3 +181,39 @@ def test_a_job_that_kills_its_process_fails_for_good_after_max_starts(
     assert storescu(gw.port, mr_series(tmp_path / "ok", n=2, seed=92)).returncode == 0
     wait_for(lambda: [j for j in jobs(gw) if j.state == "sent"], 30, "the next series' job")
     assert gw.proc is not None and gw.proc.poll() is None
+
+
+def test_interrupted_jobs_restart_at_once_twice_then_back_off_then_fail(tmp_path: Path) -> None:
+    from gateway.config import Config
+    from gateway.index import Index, InstanceRecord
+    from gateway.jobs import take_back_interrupted
+    from gateway.metrics import Metrics
+
+    idx = Index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    config = Config.model_validate({"jobs": {"max_starts": 4, "backoff_seconds": 10, "backoff_max_seconds": 600}})
+    metrics = Metrics()
+    try:
+        rec = InstanceRecord(
+            "1.2.3.1", "1.2.3", "1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1",
+            tmp_path / "x", 1, "0" * 64, "S", "MR", {"Modality": "MR"},
+        )  # fmt: skip
+        idx.record_instance(rec, now=time.time(), quiet_seconds=0, reprocess_late=True)
+        (job_id,) = idx.mark_routed("1.2.3", 1, [("r", "test-invert")], now=time.time(), completed_by="timer") or []
+        waits = []
+        for _ in range(3):  # started, and its process dies, three times
+            job = idx.claim_job("host:1", now=time.time() + 10_000, lease_seconds=60, job_id=job_id)
+            assert job is not None
+            t0 = time.time()
+            assert take_back_interrupted(idx, config, metrics, expired_only=False) == 1
+            waits.append(next(j for j in idx.list_jobs() if j.id == job_id).next_attempt_at - t0)
+        assert waits[0] < 1 and waits[1] < 1, "a kill -9 or a restart costs no delay"
+        assert 8 <= waits[2] <= 12  # then backoff_seconds, +-20 % jitter
+        job = idx.claim_job("host:1", now=time.time() + 10_000, lease_seconds=60, job_id=job_id)
+        assert job is not None and job.attempts == 4
+        assert take_back_interrupted(idx, config, metrics, expired_only=False) == 0
+        (row,) = idx.list_jobs()
+        assert row.state == "failed" and row.error is not None and "max_starts = 4" in row.error
+        failed = metrics.registry.get_sample_value("aigw_jobs_total", {"pipeline": "test-invert", "outcome": "failed"})
+        assert failed == 1
+    finally:
+        idx.close()

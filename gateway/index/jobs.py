@@ -10,7 +10,7 @@ sends in the same transaction (:func:`gateway.index.sends.queue_sends`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,39 +168,50 @@ class JobTable(IndexBase):
             return bool(res.rowcount)
 
     def requeue_running(
-        self, *, now: float, owner_prefix: str | None = None, expired_only: bool = True, max_starts: int | None = None
+        self,
+        *,
+        now: float,
+        owner_prefix: str | None = None,
+        expired_only: bool = True,
+        max_starts: int | None = None,
+        delay: Callable[[int], float] | None = None,
     ) -> tuple[int, list[JobRow]]:
         """Put jobs whose worker died back in the queue (at-least-once execution).
 
-        A job already started ``max_starts`` times fails for good instead:
-        when every run of a job ends with its process (a crash in a model
-        runtime, the out-of-memory killer), queueing it again would take the
-        service down again and again. Returns how many were queued again and
-        the rows of those failed, as they were before.
+        ``delay(attempts)`` says how long a job started that many times waits
+        before it runs again (default: not at all). A job already started
+        ``max_starts`` times fails for good instead: when every run of a job
+        ends with its process (a crash in a model runtime, the out-of-memory
+        killer), queueing it again would take the service down again and
+        again. Returns how many were queued again and the rows of those
+        failed, as they were before.
         """
         cond = jobs_t.c.state == JobState.RUNNING.value
         if expired_only:
             cond = cond & (jobs_t.c.lease_until < now)
         if owner_prefix is not None:
             cond = cond & jobs_t.c.owner.like(f"{owner_prefix}%")
+        taken_back = {"state": JobState.QUEUED.value, "owner": None, "lease_until": None}
         with self._tx() as conn:
-            failed: list[JobRow] = []
-            if max_starts is not None:
-                worn = cond & (jobs_t.c.attempts >= max_starts)
-                failed = [from_row(JobRow, r) for r in conn.execute(sa.select(jobs_t).where(worn))]
-                if failed:
+            if max_starts is None and delay is None:
+                res = conn.execute(jobs_t.update().where(cond).values(next_attempt_at=now, **taken_back))
+                return int(res.rowcount or 0), []
+            queued, failed = 0, []
+            for row in conn.execute(sa.select(jobs_t).where(cond)).all():
+                job = from_row(JobRow, row)
+                one = jobs_t.update().where(cond & (jobs_t.c.id == job.id))
+                if max_starts is not None and job.attempts >= max_starts:
                     error = (
-                        f"started {max_starts} times ([jobs] max_starts) and its process died during the last run "
-                        "(a crash, kill -9 or out of memory); not started again"
+                        f"started {job.attempts} times ([jobs] max_starts = {max_starts}) and its process died "
+                        "during the last run (a crash, kill -9 or out of memory); not started again"
                     )
-                    conn.execute(
-                        jobs_t.update()
-                        .where(worn)
-                        .values(state=JobState.FAILED.value, owner=None, lease_until=None, finished_at=now, error=error)
-                    )
-            q = jobs_t.update().where(cond)
-            res = conn.execute(q.values(state=JobState.QUEUED.value, owner=None, lease_until=None, next_attempt_at=now))
-            return int(res.rowcount or 0), failed
+                    values = {"state": JobState.FAILED.value, "owner": None, "lease_until": None}
+                    if conn.execute(one.values(finished_at=now, error=error, **values)).rowcount:
+                        failed.append(job)
+                else:
+                    wait = delay(job.attempts) if delay is not None else 0.0
+                    queued += conn.execute(one.values(next_attempt_at=now + wait, **taken_back)).rowcount or 0
+            return queued, failed
 
     def job_succeeded(
         self,
