@@ -542,6 +542,19 @@ class DicomWebSettings(_Strict):
     request_timeout_seconds: float = Field(
         default=60, gt=0, description="longest wait for the next piece of a request body; then 408 and close"
     )
+    header_timeout_seconds: float = Field(
+        default=10,
+        gt=0,
+        description="longest time for a request line and headers, from the connection or the previous answer; "
+        "then 408 and close (slow clients cannot hold connections)",
+    )
+    max_connections: int = Field(
+        default=64,
+        ge=1,
+        le=10_000,
+        description="HTTP connections open at once; another is answered 503 and closed, so that no number of "
+        "clients can use up the file descriptors the DICOM listener needs too",
+    )
 
     _anon = field_validator("anonymous_source")(lambda cls, v: _check_ae(v))
 

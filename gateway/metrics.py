@@ -62,7 +62,7 @@ STORE_OUTCOMES = ("stored", "duplicate", "conflict", "refused_space", "refused_s
 #: How it arrived, the ``transport`` label of instances_received (gateway.ingest.Transport values).
 TRANSPORTS = ("dimse", "dicomweb")
 #: HTTP statuses the DICOMweb receiver answers, the ``code`` label of http_requests (PS3.18 10.5.3.1, 8.5).
-HTTP_CODES = ("200", "202", "400", "401", "403", "404", "405", "408", "409", "413", "415", "500")
+HTTP_CODES = ("200", "202", "400", "401", "403", "404", "405", "408", "409", "413", "415", "500", "503")
 JOB_OUTCOMES = ("succeeded", "failed", "retried")
 SEND_OUTCOMES = ("sent", "retry", "dead")
 COMPLETION_CAUSES = ("timer", "hint", "release", "forced")

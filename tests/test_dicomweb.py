@@ -28,7 +28,7 @@ from gateway.dicomweb import FAILURE_REASON_FOR_REFUSAL, FailureReason, hash_tok
 from gateway.dicomweb.multipart import MultipartError, MultipartParser, PartData, PartEnd, PartStart
 from gateway.dicomweb.server import common_name
 from gateway.ingest import RefusalReason
-from tests.conftest import REPO, GatewayProcess, Orthanc, free_port, mr_series, wait_for
+from tests.conftest import REPO, GatewayProcess, Orthanc, free_port, mr_series, storescu, wait_for
 from tests.pki import PKI
 
 TOKEN = "stow-test-token-0123456789"
@@ -476,6 +476,50 @@ def test_too_large_and_stalled_requests_leave_nothing(tmp_path: Path, models_dir
         index = gw.index()
         assert all(index.find_instance(sop_uid(f)) is None for f in files)
         assert http_count(gw, 413) == 2 and http_count(gw, 408) == 1
+    finally:
+        gw.stop()
+
+
+@pytest.mark.peers
+def test_slow_or_too_many_http_clients_cannot_lock_either_listener(tmp_path: Path, models_dir: Path) -> None:
+    """Clients that connect and send their request head slowly (slowloris) are capped and timed out.
+
+    Without that, each held a file descriptor for as long as it liked: with a
+    service's usual limit of 1,024, 1,100 of them stopped C-STORE and STOW-RS alike.
+    """
+    gw, port = start_gateway(tmp_path / "gw", models_dir, max_connections=8, header_timeout_seconds=1.5)
+    try:
+        assert gw.proc is not None
+        fds_before = len(os.listdir(f"/proc/{gw.proc.pid}/fd"))
+        slow = []
+        try:
+            for _ in range(200):
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                s.sendall(b"POST /studies HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+                slow.append(s)
+            time.sleep(0.5)
+            # The first 8 are held; every later one was answered 503 and closed at once.
+            assert len(os.listdir(f"/proc/{gw.proc.pid}/fd")) <= fds_before + 8 + 4
+            assert slow[-1].recv(200).startswith(b"HTTP/1.1 503")
+            # Meanwhile C-STORE is served as ever.
+            files = mr_series(tmp_path / "src", n=2, seed=47)
+            done = storescu(gw.port, files)
+            assert done.returncode == 0, done.stderr
+            # The held ones get 408 once their head is overdue, and are closed.
+            t0 = time.monotonic()
+            for s in slow[:8]:
+                s.settimeout(10)
+                reply = s.recv(200)
+                assert reply.startswith(b"HTTP/1.1 408"), reply
+            assert time.monotonic() - t0 < 5
+        finally:
+            for s in slow:
+                s.close()
+        # The receiver serves again, and counted what it refused.
+        more = mr_series(tmp_path / "more", n=1, seed=48)
+        code, _, _ = stow(port, multipart([more[0].read_bytes()]))
+        assert code == 200
+        assert http_count(gw, 503) == 192 and http_count(gw, 408) == 8
     finally:
         gw.stop()
 

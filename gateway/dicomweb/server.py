@@ -20,8 +20,10 @@ import logging
 import socket
 import ssl
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from email.message import Message
-from typing import Any
+from typing import Any, ClassVar
 
 import uvicorn
 from starlette.applications import Starlette
@@ -33,6 +35,7 @@ from starlette.types import Message as AsgiMessage
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gateway.config import DicomWebSettings, GatewaySettings, ListenerTLS
+from gateway.frontdoor import RefusalLog
 from gateway.ingest import Ingest, Source, Transport
 from gateway.metrics import Metrics
 from gateway.storage import DataDir
@@ -85,16 +88,51 @@ def common_name(peercert: dict[str, Any]) -> str | None:
     return names[0] if len(names) == 1 else None
 
 
-class _ClientCertificateH11(H11Protocol):
-    """uvicorn's h11 protocol that puts the verified client certificate's CN in each request's scope.
+@dataclass(frozen=True)
+class _Limits:
+    """What the receiver allows a connection before its request head is complete."""
+
+    max_connections: int
+    header_seconds: float
+    count: Callable[[str], None]  # an HTTP status sent by the protocol itself, for aigw_http_requests_total
+    refusals: RefusalLog
+
+
+def _answer_and_close(transport: Any, status: str) -> None:
+    """An empty answer written straight to the connection, then close: for the protocol's own refusals."""
+    transport.write(f"HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n".encode("ascii"))
+    transport.close()
+
+
+class _GatewayH11(H11Protocol):
+    """uvicorn's h11 protocol with the receiver's connection limits and the client certificate's CN.
+
+    uvicorn reads a request head for as long as the client takes and accepts
+    any number of connections, so clients that connect and send a header a
+    minute (slowloris) hold a file descriptor each until the process has none
+    left, and then the DICOM listener, which shares the process, cannot
+    accept or store either. Here a connection over ``max_connections`` is
+    answered 503 and closed, and a request head (request line and headers)
+    must be complete within ``header_seconds`` of the connection or of the
+    previous answer, else 408 and close.
 
     uvicorn does not fill the ASGI TLS extension, and the certificate is known
     only to the transport, so each connection (one protocol instance) wraps the
-    app it hands its requests to. Only ``connection_made`` is overridden.
+    app it hands its requests to.
     """
+
+    #: Set on the subclass that :meth:`DicomWebServer.start` makes for its server.
+    limits: ClassVar[_Limits]
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._timed_cycle: object = None
+        limits = self.limits
+        if len(self.connections) > limits.max_connections:
+            self._refuse("503 Service Unavailable", "max_connections reached")
+            return
+        self._arm_head_timer()
         peer = transport.get_extra_info("peercert")  # {} or None unless the handshake verified one
         name = common_name(peer) if peer else None
         if name is not None:
@@ -105,6 +143,41 @@ class _ClientCertificateH11(H11Protocol):
                 await inner(scope, receive, send)
 
             self.app = app
+
+    def _arm_head_timer(self) -> None:
+        self._disarm_head_timer()
+        self._timed_cycle = self.cycle  # a request head is complete once uvicorn makes a new cycle
+        self._head_timer = self.loop.call_later(self.limits.header_seconds, self._head_expired)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self.cycle is self._timed_cycle and not self.transport.is_closing():
+            self._refuse("408 Request Timeout", f"no complete request head within {self.limits.header_seconds:g} s")
+
+    def _refuse(self, status: str, detail: str) -> None:
+        self.limits.count(status[:3])
+        self.limits.refusals(self.client[0] if self.client else "-", f"http_{status[:3]}", detail)
+        _answer_and_close(self.transport, status)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self._head_timer is not None and self.cycle is not self._timed_cycle:
+            self._disarm_head_timer()
+
+    def on_response_complete(self) -> None:
+        if not self.transport.is_closing():
+            self._arm_head_timer()  # for the next request on a kept-alive connection
+        # Last: it may start a pipelined request at once, whose new cycle disarms the timer.
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
 
 
 #: An error found before the whole body was read is answered after up to this
@@ -233,7 +306,7 @@ class DicomWebServer:
         self.port = int(sock.getsockname()[1])
         config = uvicorn.Config(
             self.app,
-            http=_ClientCertificateH11,
+            http=self._protocol(),
             ws="none",
             lifespan="off",
             log_config=None,  # the service configures logging; a library never does
@@ -271,6 +344,16 @@ class DicomWebServer:
     @property
     def is_up(self) -> bool:
         return self._server is not None and self._server.started and not self._server.should_exit
+
+    def _protocol(self) -> type[_GatewayH11]:
+        """The protocol class of this server: :class:`_GatewayH11` with this server's limits."""
+        limits = _Limits(
+            max_connections=self.settings.max_connections,
+            header_seconds=self.settings.header_timeout_seconds,
+            count=lambda code: self.metrics.http_requests.labels(code=code).inc(),
+            refusals=RefusalLog(log),
+        )
+        return type("_ServerH11", (_GatewayH11,), {"limits": limits})
 
     def _use_context(self, config: uvicorn.Config, default: object) -> ssl.SSLContext:
         assert self._ssl is not None
