@@ -387,6 +387,13 @@ class JobSettings(_Strict):
         "(at once the first two times, then after backoff_seconds doubling) until it has been started this many "
         "times; then it fails for good, so that a job that kills its process cannot keep the service in a crash loop",
     )
+    timeout_seconds: float = Field(
+        default=3600,
+        gt=0,
+        description="a job running longer fails for good and its worker slot goes to the next job (embedded "
+        "executor); its thread cannot be stopped and runs on, and once [jobs] workers such threads hold every "
+        "worker, /healthz answers 503 (stuck) so that a supervisor restarts the service",
+    )
     backoff_seconds: float = Field(default=5.0, ge=0)
     backoff_max_seconds: float = Field(default=600.0, ge=0)
     lease_seconds: float = Field(default=120.0, ge=5)

@@ -305,6 +305,11 @@ class JobRunner:
                     )
                     if note is not None:
                         outputs.append(note)  # last: PACS hides the old result once the new one is in
+            if not self.index.renew_lease(job.id, owner, time.time() + self.config.jobs.lease_seconds):
+                # Another worker took it over, or it was abandoned for running too long:
+                # its outputs must not reach the outbox or PACS beside the real ones.
+                jlog.warning("no longer this worker's job (lease lost, or abandoned): its outputs are dropped")
+                return
             stored = self._store_outputs(job.id, outputs)
             dests = [d.name for d in self.config.destinations]
             if not self.index.job_succeeded(job.id, owner, stored, dests, now=time.time()):
@@ -382,9 +387,14 @@ class LocalExecutor(PeriodicLoop):
         self.config = config
         self.metrics = metrics
         self.owner = node_id()
-        self._pool = ThreadPoolExecutor(max_workers=config.jobs.workers, thread_name_prefix="aigw-job")
-        self._slots = threading.Semaphore(config.jobs.workers)
-        self._running: set[int] = set()
+        workers = config.jobs.workers
+        # Threads for as many jobs again as workers: a job abandoned for running
+        # past timeout_seconds keeps its thread (Python cannot stop one), and its
+        # slot goes to the next job.
+        self._pool = ThreadPoolExecutor(max_workers=2 * workers, thread_name_prefix="aigw-job")
+        self._slots = threading.Semaphore(workers)
+        self._running: dict[int, tuple[float, str]] = {}  # job id -> (monotonic start, pipeline)
+        self._abandoned: set[int] = set()
         self._lock = threading.Lock()
         self._last_renew = 0.0
         super().__init__(0.25)
@@ -413,20 +423,64 @@ class LocalExecutor(PeriodicLoop):
             for jid in running:
                 self.index.renew_lease(jid, self.owner, now + lease)
             take_back_interrupted(self.index, self.config, self.metrics)  # leases of dead nodes
+        self._abandon_overdue()
         while self._slots.acquire(blocking=False):
             job = self.index.claim_job(self.owner, now=time.time(), lease_seconds=lease)
             if job is None:
                 self._slots.release()
                 break
             with self._lock:
-                self._running.add(job.id)
+                self._running[job.id] = (time.monotonic(), job.pipeline)
             self._pool.submit(self._run, job)
+
+    @property
+    def stuck(self) -> bool:
+        """True once abandoned jobs hold ``workers`` threads: the spares are used up; a restart frees them."""
+        with self._lock:
+            return len(self._abandoned) >= self.config.jobs.workers
+
+    def _abandon_overdue(self) -> None:
+        """Fail the jobs running past ``[jobs] timeout_seconds`` and give their slots to the next jobs.
+
+        A pipeline that hangs (a deadlock in a runtime, an input that makes it
+        loop) would otherwise hold its worker for ever, and with it every job
+        behind it. Its thread cannot be stopped, so it runs on; at most
+        ``workers`` such threads are kept, then :attr:`stuck` tells the health checks.
+        """
+        timeout = self.config.jobs.timeout_seconds
+        now = time.monotonic()
+        with self._lock:
+            overdue = [
+                (jid, pipeline)
+                for jid, (t0, pipeline) in self._running.items()
+                if now - t0 > timeout and jid not in self._abandoned
+            ]
+            room = self.config.jobs.workers - len(self._abandoned)
+        for jid, pipeline in overdue[: max(room, 0)]:
+            error = f"ran longer than [jobs] timeout_seconds = {timeout:g}; abandoned, not started again"
+            if not self.index.job_failed(jid, self.owner, error, now=time.time(), retry_at=None):
+                continue  # finished, or no longer ours, in the meantime
+            with self._lock:
+                self._abandoned.add(jid)
+            self._slots.release()
+            self.metrics.jobs.labels(pipeline=pipeline, outcome="failed").inc()
+            _JobLog(log, {"job": jid, "pipeline": pipeline}).error(
+                "failed for good: %s (its thread runs on; 'aigw jobs retry %d' runs it again)", error, jid
+            )
+        with self._lock:
+            self.metrics.jobs_abandoned.set(len(self._abandoned))
 
     def _run(self, job: Any) -> None:
         try:
             self.runner.run(job, self.owner)
         finally:
             with self._lock:
-                self._running.discard(job.id)
-            self._slots.release()
+                self._running.pop(job.id, None)
+                abandoned = job.id in self._abandoned
+                self._abandoned.discard(job.id)
+            if abandoned:
+                # Its slot was given away when it was abandoned; what it produced was not recorded.
+                _JobLog(log, {"job": job.id, "pipeline": job.pipeline}).warning("abandoned run ended after all")
+            else:
+                self._slots.release()
             self.wake()

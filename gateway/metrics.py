@@ -177,6 +177,11 @@ class Metrics:
         )
         self.queue_depth = Gauge("aigw_jobs_queued", "Jobs waiting to run", registry=r)
         self.jobs_running = Gauge("aigw_jobs_running", "Jobs running", registry=r)
+        self.jobs_abandoned = Gauge(
+            "aigw_jobs_abandoned",
+            "Threads still running a job failed for running past [jobs] timeout_seconds (at [jobs] workers: stuck)",
+            registry=r,
+        )
         self.sends = Counter(
             "aigw_send_attempts_total", "C-STORE sends by destination and outcome", ["destination", "outcome"],
             registry=r,
@@ -425,6 +430,9 @@ class MetricsServer:
         Where to listen (port 0: a free one, see :attr:`port`).
     readiness : callable
         The checks of ``/readyz``, by name.
+    liveness : callable, optional
+        Why the process needs a restart (``/healthz`` answers 503 with it), or
+        None while it is alive (always, by default).
     refresh : callable, optional
         Brings the index-derived gauges up to date; called at most every ``cache_seconds``.
     settings : MetricsSettings, optional
@@ -445,10 +453,12 @@ class MetricsServer:
         refresh: Callable[[], None] | None = None,
         settings: MetricsSettings | None = None,
         listeners: Callable[[], list[bytes]] | None = None,
+        liveness: Callable[[], str | None] | None = None,
     ) -> None:
         from gateway.config import MetricsSettings
 
         self._listeners = listeners
+        self._liveness = liveness
 
         self._registry = metrics.registry
         self._readiness = readiness
@@ -640,6 +650,11 @@ class MetricsServer:
                 body = merge_expositions(body, self._listeners())
             ctype = CONTENT_TYPE_LATEST
         elif path == "/healthz":
+            reason = self._liveness() if self._liveness is not None else None
+            if reason is not None:
+                body = json.dumps({"status": "stuck", "reason": reason}).encode() + b"\n"
+                reply = _http_response(503, body, "application/json")
+                return reply[: len(reply) - len(body)] if method == "HEAD" else reply
             body, ctype = b'{"status":"alive"}\n', "application/json"
         elif path == "/readyz":
             checks = self._readiness()

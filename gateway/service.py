@@ -174,6 +174,12 @@ class Gateway:
             **({"dicomweb": self.dicomweb.is_up} if self.dicomweb is not None else {}),
         }
 
+    def liveness(self) -> str | None:
+        """Why only a restart can help (``/healthz`` 503), or None."""
+        if isinstance(self.executor, LocalExecutor) and self.executor.stuck:
+            return "[jobs] workers threads are held by jobs abandoned for running past timeout_seconds; restart"
+        return None
+
     def _listener_lost(self, number: int) -> None:
         """A listener process died: the associations it held were cut, so their series wait (abort grace)."""
         grace = self.config.completion.abort_grace_seconds
@@ -212,6 +218,7 @@ class Gateway:
                     refresh=self.refresh_gauges,
                     settings=m,
                     listeners=None if self.listeners is None else self.listeners.expositions,
+                    liveness=self.liveness,
                 )
             self.http.start()
             log.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.http.port)

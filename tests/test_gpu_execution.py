@@ -236,6 +236,9 @@ class _FakeIndex:
         inst = Instance("1.2.3.4", "1.2.840.10008.5.1.4.1.1.4", Path("/nonexistent.dcm"), {})
         return Series(series_uid, "1.2.3", "MR", "TEST", [inst])
 
+    def renew_lease(self, job_id: int, owner: str, until: float) -> bool:
+        return True  # every job here stays its runner's
+
     def job_succeeded(self, job_id: int, *args: Any, **kwargs: Any) -> bool:
         with self.lock:
             self.succeeded.append(job_id)

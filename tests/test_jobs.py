@@ -12,7 +12,7 @@ from pydicom import dcmread
 
 from gateway.index import JobRow
 from gateway.storage import DataDir
-from tests.conftest import GatewayProcess, Orthanc, mr_series, storescu, wait_for
+from tests.conftest import GatewayProcess, Orthanc, http_get, mr_series, storescu, wait_for
 
 pytestmark = pytest.mark.peers
 
@@ -217,3 +217,29 @@ def test_interrupted_jobs_restart_at_once_twice_then_back_off_then_fail(tmp_path
         assert failed == 1
     finally:
         idx.close()
+
+
+def test_a_hung_job_is_abandoned_and_the_next_one_runs(
+    make_gateway: Callable[..., GatewayProcess], tmp_path: Path
+) -> None:
+    from tests.plugins.invert.pipeline import HANG_SECONDS
+
+    gw = make_gateway(series_timeout=1, release_quiet=0.2, jobs={"timeout_seconds": 2, "workers": 1})
+    t0 = time.time()
+    assert storescu(gw.port, mr_series(tmp_path / "h", n=2, description="HANG", seed=93)).returncode == 0
+    (hung,) = wait_for(lambda: [j for j in jobs(gw) if j.state == "failed"], 15, "the hung job to be abandoned")
+    assert hung.error is not None and "timeout_seconds = 2" in hung.error
+    # Its thread sleeps on: with workers = 1 the spare thread is used up, and /healthz asks for a restart.
+    code, body = http_get(f"http://127.0.0.1:{gw.metrics_port}/healthz")
+    assert code == 503 and b"stuck" in body
+    assert gw.metrics()["aigw_jobs_abandoned"] == 1
+    # Its slot went to the next job, which runs while the hung one still sleeps.
+    assert storescu(gw.port, mr_series(tmp_path / "ok", n=2, seed=94)).returncode == 0
+    wait_for(lambda: [j for j in jobs(gw) if j.state == "sent"], 15, "the next series' job")
+    assert time.time() - t0 < HANG_SECONDS, "the next job waited for the hung one"
+    # The hung run ends after all: nothing of it is recorded, and the service is alive again.
+    wait_for(lambda: "abandoned run ended after all" in gw.log(), 20, "the hung run to end")
+    assert http_get(f"http://127.0.0.1:{gw.metrics_port}/healthz")[0] == 200
+    assert [j.state for j in jobs(gw)] == ["failed", "sent"]
+    assert "its outputs are dropped" in gw.log()
+    assert not (gw.data_dir / "outbox" / f"{hung.id:08d}").exists()

@@ -24,8 +24,9 @@ do, with ``plugins = ["tests.plugins.invert:InvertPipeline"]``.
 It exercises the whole contract (selector, declared model, sessions,
 deterministic UIDs, derived DICOM out) and has knobs for failure tests: see
 :class:`~tests.plugins.invert.options.InvertOptions`; a series whose
-SeriesDescription contains ``REJECT`` fails with InputError, and one with
-``CRASH`` kills the process running it.
+SeriesDescription contains ``REJECT`` fails with InputError, one with
+``CRASH`` kills the process running it, and one with ``HANG`` runs for
+``HANG_SECONDS``.
 """
 
 from tests.plugins.invert.options import InvertOptions

@@ -16,7 +16,10 @@ from tests.plugins.invert.infer import MODEL_NAME, invert
 from tests.plugins.invert.options import InvertOptions
 from tests.plugins.invert.preprocess import read_images
 
-__all__ = ["InvertPipeline"]
+__all__ = ["HANG_SECONDS", "InvertPipeline"]
+
+#: How long a series whose description says HANG keeps its job running.
+HANG_SECONDS = 8.0
 
 
 class InvertPipeline:
@@ -42,6 +45,8 @@ class InvertPipeline:
             raise InputError("series description asks for rejection")
         if "CRASH" in description:
             os.kill(os.getpid(), signal.SIGKILL)  # as a crash in a model runtime or the out-of-memory killer would
+        if "HANG" in description:
+            time.sleep(HANG_SECONDS)  # as a deadlock would, for as long as a test can wait
         self._test_knobs(ctx)
         images = read_images(series)
         out = []
