@@ -532,16 +532,43 @@ def test_https_with_the_configured_certificate(tmp_path: Path, models_dir: Path)
          "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
-    gw, port = start_gateway(tmp_path / "gw", models_dir, tls_cert=str(cert), tls_key=str(key))
+    gw, port = start_gateway(tmp_path / "gw", models_dir, tls_cert=str(cert), tls_key=str(key), max_connections=4)
     try:
-        (f,) = mr_series(tmp_path / "src", n=1, seed=51)
+        (f, g) = mr_series(tmp_path / "src", n=2, seed=51)
         code, _, body = stow(port, multipart([f.read_bytes()]), tls_ca=cert)
         assert code == 200, body
         with pytest.raises(ConnectionError):  # plain HTTP to the TLS port gets no answer
             stow(port, multipart([f.read_bytes()]))
         assert gw.index().find_instance(sop_uid(f)) is not None
+        # Connections that never start their TLS handshake count against max_connections
+        # from the accept: they cannot use up the process's file descriptors either.
+        assert gw.proc is not None
+        fds_before = len(os.listdir(f"/proc/{gw.proc.pid}/fd"))
+        stalled = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(40)]
+        try:
+            time.sleep(0.5)
+            assert len(os.listdir(f"/proc/{gw.proc.pid}/fd")) <= fds_before + 4 + 4
+            assert stalled[-1].recv(100) == b"", "the one over the cap is closed at once"
+            with pytest.raises((ConnectionError, ssl.SSLError)):
+                stow(port, multipart([g.read_bytes()]), tls_ca=cert, timeout=10)
+        finally:
+            for s in stalled:
+                s.close()
+        # Their places come back when they go.
+        code, _, body = wait_for(
+            lambda: _stow_or_none(port, multipart([g.read_bytes()]), cert), 10, "a place for a new connection"
+        )
+        assert code == 200, body
+        assert http_count(gw, 503) >= 37
     finally:
         gw.stop()
+
+
+def _stow_or_none(port: int, body: bytes, ca: Path) -> tuple[int, dict[str, str], bytes] | None:
+    try:
+        return stow(port, body, tls_ca=ca, timeout=10)
+    except (ConnectionError, ssl.SSLError):
+        return None
 
 
 @pytest.mark.peers

@@ -88,50 +88,102 @@ def common_name(peercert: dict[str, Any]) -> str | None:
     return names[0] if len(names) == 1 else None
 
 
+# uvicorn reads a request head for as long as the client takes and accepts any
+# number of connections, so clients that connect and send a header a minute
+# (slowloris), or never finish a TLS handshake, hold a file descriptor each
+# until the process has none left; then the DICOM listener, which shares the
+# process, cannot accept or store either. So the listening socket caps the
+# connections open at once (_CappedListener) and the protocol times the
+# request head (_GatewayH11).
+
+
 @dataclass(frozen=True)
-class _Limits:
-    """What the receiver allows a connection before its request head is complete."""
+class _Refusals:
+    """Where the receiver's own refusals (503, 408) are counted and logged."""
 
-    max_connections: int
-    header_seconds: float
-    count: Callable[[str], None]  # an HTTP status sent by the protocol itself, for aigw_http_requests_total
-    refusals: RefusalLog
+    count: Callable[[str], None]  # the status code, for aigw_http_requests_total
+    log: RefusalLog
+
+    def __call__(self, peer: str, status: str, detail: str) -> None:
+        self.count(status[:3])
+        self.log(peer, f"http_{status[:3]}", detail)
 
 
-def _answer_and_close(transport: Any, status: str) -> None:
-    """An empty answer written straight to the connection, then close: for the protocol's own refusals."""
-    transport.write(f"HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n".encode("ascii"))
-    transport.close()
+def _refusal(status: str) -> bytes:
+    return f"HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n".encode("ascii")
+
+
+class _CountedSocket(socket.socket):
+    """An accepted connection that gives its place back to its listener when it is closed."""
+
+    _release: Callable[[], None] | None = None
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+        super().close()
+
+
+class _CappedListener(socket.socket):
+    """The receiver's listening socket: at most ``limit`` accepted connections open at once.
+
+    asyncio accepts through this object's :meth:`accept`, before any TLS
+    handshake, so connections that stall in the handshake count too. One over
+    the limit is closed at once, after a 503 on plain HTTP (a TLS client could
+    not read one).
+    """
+
+    def setup(self, limit: int, tls: bool, refusals: _Refusals) -> None:
+        self._limit = limit
+        self._tls = tls
+        self._refusals = refusals
+        self._open = 0
+        self._lock = threading.Lock()
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        while True:
+            fd, addr = self._accept()  # type: ignore[attr-defined]  # BlockingIOError once none is waiting
+            conn = _CountedSocket(self.family, self.type, self.proto, fileno=fd)
+            with self._lock:
+                admitted = self._open < self._limit
+                if admitted:
+                    self._open += 1
+            if admitted:
+                conn._release = self._released
+                return conn, addr
+            self._refusals(str(addr[0]), "503 Service Unavailable", "max_connections reached")
+            if not self._tls:
+                try:
+                    conn.setblocking(False)
+                    conn.send(_refusal("503 Service Unavailable"))  # a few bytes into an empty buffer
+                except OSError:
+                    pass
+            conn.close()
+
+    def _released(self) -> None:
+        with self._lock:
+            self._open -= 1
 
 
 class _GatewayH11(H11Protocol):
-    """uvicorn's h11 protocol with the receiver's connection limits and the client certificate's CN.
+    """uvicorn's h11 protocol that times the request head and passes on the client certificate's CN.
 
-    uvicorn reads a request head for as long as the client takes and accepts
-    any number of connections, so clients that connect and send a header a
-    minute (slowloris) hold a file descriptor each until the process has none
-    left, and then the DICOM listener, which shares the process, cannot
-    accept or store either. Here a connection over ``max_connections`` is
-    answered 503 and closed, and a request head (request line and headers)
-    must be complete within ``header_seconds`` of the connection or of the
-    previous answer, else 408 and close.
-
-    uvicorn does not fill the ASGI TLS extension, and the certificate is known
-    only to the transport, so each connection (one protocol instance) wraps the
-    app it hands its requests to.
+    A request head (request line and headers) must be complete within
+    ``header_seconds`` of the connection or of the previous answer, else 408
+    and close. uvicorn does not fill the ASGI TLS extension, and the
+    certificate is known only to the transport, so each connection (one
+    protocol instance) wraps the app it hands its requests to.
     """
 
     #: Set on the subclass that :meth:`DicomWebServer.start` makes for its server.
-    limits: ClassVar[_Limits]
+    header_seconds: ClassVar[float]
+    refusals: ClassVar[_Refusals]
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         self._head_timer: asyncio.TimerHandle | None = None
         self._timed_cycle: object = None
-        limits = self.limits
-        if len(self.connections) > limits.max_connections:
-            self._refuse("503 Service Unavailable", "max_connections reached")
-            return
         self._arm_head_timer()
         peer = transport.get_extra_info("peercert")  # {} or None unless the handshake verified one
         name = common_name(peer) if peer else None
@@ -147,7 +199,7 @@ class _GatewayH11(H11Protocol):
     def _arm_head_timer(self) -> None:
         self._disarm_head_timer()
         self._timed_cycle = self.cycle  # a request head is complete once uvicorn makes a new cycle
-        self._head_timer = self.loop.call_later(self.limits.header_seconds, self._head_expired)
+        self._head_timer = self.loop.call_later(self.header_seconds, self._head_expired)
 
     def _disarm_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -157,12 +209,10 @@ class _GatewayH11(H11Protocol):
     def _head_expired(self) -> None:
         self._head_timer = None
         if self.cycle is self._timed_cycle and not self.transport.is_closing():
-            self._refuse("408 Request Timeout", f"no complete request head within {self.limits.header_seconds:g} s")
-
-    def _refuse(self, status: str, detail: str) -> None:
-        self.limits.count(status[:3])
-        self.limits.refusals(self.client[0] if self.client else "-", f"http_{status[:3]}", detail)
-        _answer_and_close(self.transport, status)
+            peer = self.client[0] if self.client else "-"
+            self.refusals(peer, "408 Request Timeout", f"no complete request head within {self.header_seconds:g} s")
+            self.transport.write(_refusal("408 Request Timeout"))
+            self.transport.close()
 
     def handle_events(self) -> None:
         super().handle_events()
@@ -271,6 +321,7 @@ class DicomWebServer:
                 keys=("tls_cert", "tls_key", "tls_ca_file"),
             )
         self._networks = [ipaddress.ip_network(h, strict=False) for h in gateway.allow_hosts]
+        self._refusals = _Refusals(lambda code: metrics.http_requests.labels(code=code).inc(), RefusalLog(log))
         routes = [
             Route("/studies", self._stow, methods=["POST"]),
             Route("/studies/{study}", self._stow, methods=["POST"]),
@@ -296,7 +347,8 @@ class DicomWebServer:
         # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on accepted sockets whose
         # protocol says TCP, and without it each answer's second write waits for the
         # client's delayed ACK (40 ms per request, measured by ops/bench/stow.py).
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock = _CappedListener(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setup(s.max_connections, self._ssl is not None, self._refusals)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((s.host, s.port))
@@ -346,14 +398,9 @@ class DicomWebServer:
         return self._server is not None and self._server.started and not self._server.should_exit
 
     def _protocol(self) -> type[_GatewayH11]:
-        """The protocol class of this server: :class:`_GatewayH11` with this server's limits."""
-        limits = _Limits(
-            max_connections=self.settings.max_connections,
-            header_seconds=self.settings.header_timeout_seconds,
-            count=lambda code: self.metrics.http_requests.labels(code=code).inc(),
-            refusals=RefusalLog(log),
-        )
-        return type("_ServerH11", (_GatewayH11,), {"limits": limits})
+        """The protocol class of this server: :class:`_GatewayH11` with this server's settings."""
+        attrs = {"header_seconds": self.settings.header_timeout_seconds, "refusals": self._refusals}
+        return type("_ServerH11", (_GatewayH11,), attrs)
 
     def _use_context(self, config: uvicorn.Config, default: object) -> ssl.SSLContext:
         assert self._ssl is not None
