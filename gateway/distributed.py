@@ -55,7 +55,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -298,13 +298,30 @@ def _redact(url: str) -> str:
 
 # ------------------------------------------------------------------- worker side
 class _LeaseKeeper:
-    """Renews a job's lease every third of the lease time while the job runs (the heartbeat)."""
+    """Renews a job's lease every third of the lease time while the job runs (the heartbeat).
 
-    def __init__(self, index: Index, job_id: int, owner: str, lease_seconds: float) -> None:
+    Past ``timeout_seconds`` it fails the job for good instead, as the embedded
+    executor does (:meth:`gateway.jobs.LocalExecutor._abandon_overdue`): a
+    pipeline that hangs must not keep its series from ever getting a result.
+    The thread running it cannot be stopped; what it produces is dropped.
+    """
+
+    def __init__(
+        self,
+        index: Index,
+        job_id: int,
+        owner: str,
+        lease_seconds: float,
+        timeout_seconds: float = float("inf"),
+        on_abandon: Callable[[], None] = lambda: None,
+    ) -> None:
         self.index = index
         self.job_id = job_id
         self.owner = owner
         self.lease = lease_seconds
+        self.timeout = timeout_seconds
+        self.on_abandon = on_abandon
+        self._started = time.monotonic()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"aigw-lease-{job_id}", daemon=True)
 
@@ -319,7 +336,13 @@ class _LeaseKeeper:
         self._thread.join(timeout=10)
 
     def _loop(self) -> None:
-        while not self._done.wait(self.lease / 3):
+        while not self._done.wait(min(self.lease / 3, max(0.0, self._started + self.timeout - time.monotonic()))):
+            if time.monotonic() - self._started > self.timeout:
+                error = f"ran longer than [jobs] timeout_seconds = {self.timeout:g}; abandoned, not started again"
+                if self.index.job_failed(self.job_id, self.owner, error, now=time.time(), retry_at=None):
+                    self.on_abandon()
+                    log.error("job %d failed for good: %s (its thread runs on until a restart)", self.job_id, error)
+                return
             try:
                 if not self.index.renew_lease(self.job_id, self.owner, time.time() + self.lease):
                     log.warning("job %d: lease lost; its outcome will be discarded", self.job_id)
@@ -382,7 +405,8 @@ class WorkerNode:
             log.info("job %d is done, running elsewhere or not due: wake-up dropped", job_id)
             return
         log.info("job %d claimed (attempt %d)", job.id, job.attempts)
-        with _LeaseKeeper(self.index, job.id, owner, lease):
+        failed = self.metrics.jobs.labels(pipeline=job.pipeline, outcome="failed")
+        with _LeaseKeeper(self.index, job.id, owner, lease, self.config.jobs.timeout_seconds, failed.inc):
             self.runner.run(job, owner)
 
     def close(self) -> None:

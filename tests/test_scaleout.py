@@ -399,3 +399,32 @@ def test_publisher_routes_by_device_class_and_announces_each_state_once(
     finally:
         pub.stop()
         idx.close()
+
+
+def test_a_worker_fails_a_job_that_runs_past_the_timeout() -> None:
+    """A hung job on an ``aigw worker``: its lease keeper fails it instead of renewing for ever."""
+    from gateway.distributed import _LeaseKeeper
+
+    class _Index:
+        def __init__(self) -> None:
+            self.renewed = 0
+            self.failed: list[str] = []
+
+        def renew_lease(self, job_id: int, owner: str, until: float) -> bool:
+            self.renewed += 1
+            return True
+
+        def job_failed(self, job_id: int, owner: str, error: str, **kwargs: object) -> bool:
+            self.failed.append(error)
+            return True
+
+    index, abandoned = _Index(), []
+    keeper = _LeaseKeeper(index, 7, "w/1", 0.3, timeout_seconds=0.5, on_abandon=lambda: abandoned.append(1))  # type: ignore[arg-type]
+    with keeper:
+        wait_for(lambda: index.failed, 5, "the job to be failed")
+        time.sleep(0.3)  # no renewal after that
+        renewed = index.renewed
+        time.sleep(0.3)
+        assert index.renewed == renewed
+    assert len(index.failed) == 1 and "timeout_seconds = 0.5" in index.failed[0] and abandoned == [1]
+    assert renewed >= 2  # renewed every lease/3 until then
