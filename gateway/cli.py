@@ -517,3 +517,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        from gateway.index import IndexUnavailable  # here: importing the index costs every command's start
+
+        if isinstance(exc, IndexUnavailable):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise

@@ -7,6 +7,9 @@ would send a partial result, and the re-sent rest a second, different one.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +20,7 @@ from pynetdicom import AE
 
 from gateway.index import Index, InstanceRecord, JobRow, OutputRow, SeriesState
 from gateway.supersede import mark_superseding
-from tests.conftest import GatewayProcess, mr_series, storescu, wait_for
+from tests.conftest import REPO, GatewayProcess, mr_series, storescu, wait_for
 from tests.validators import assert_valid
 
 GRACE = 8.0
@@ -247,3 +250,19 @@ def test_a_later_version_waits_for_the_earlier_one_and_says_it_supersedes_it(
     first, second = (_outputs(gw)[j.id] for j in (v1, v2))
     assert all(d.SeriesDescription.endswith("(supersedes v1)") for d in second)
     assert not any("supersedes" in d.SeriesDescription for d in first)
+
+
+def test_a_damaged_index_stops_the_start_with_a_clear_message(
+    make_gateway: Callable[..., GatewayProcess],
+) -> None:
+    gw = make_gateway(start=False)
+    gw.data_dir.mkdir(parents=True, exist_ok=True)
+    (gw.data_dir / "index.sqlite").write_bytes(b"SQLite format 3\0" + bytes(range(256)) * 16)  # a torn file
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(gw.config)],
+        capture_output=True, text=True, timeout=60, cwd=gw.root, env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert "the index sqlite:///" in done.stderr and "cannot be opened" in done.stderr
+    assert "move it and its -wal and -shm files aside" in done.stderr

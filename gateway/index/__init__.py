@@ -36,6 +36,7 @@ from gateway.index.instances import (
 )
 from gateway.index.jobs import JobRow, JobTable, OutputRow, RunnableJob
 from gateway.index.schema import (
+    IndexUnavailable,
     JobState,
     SendState,
     SeriesState,
@@ -51,6 +52,7 @@ from gateway.index.sends import SendRow, SendTable
 __all__ = [
     "GroupCommitter",
     "Index",
+    "IndexUnavailable",
     "InstanceRecord",
     "InstanceRow",
     "JobRow",

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection, Engine
 
 __all__ = [
     "IndexBase",
+    "IndexUnavailable",
     "JobState",
     "SendState",
     "SeriesState",
@@ -202,6 +203,27 @@ def _sqlite_engine(url: str, immediate: bool) -> Engine:
     return engine
 
 
+class IndexUnavailable(RuntimeError):
+    """The index database cannot be opened (unreachable, refused, or a damaged SQLite file)."""
+
+
+def _opened(url: str, engine: Engine) -> None:
+    """Create the tables; an error becomes :class:`IndexUnavailable`, naming the database without its password."""
+    try:
+        metadata.create_all(engine)
+    except sa.exc.SQLAlchemyError as exc:
+        engine.dispose()
+        where = sa.engine.make_url(url).render_as_string(hide_password=True)
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        hint = ""
+        if url.startswith("sqlite") and ("malformed" in reason or "not a database" in reason):
+            hint = (
+                "; the file is damaged (the instances in the data dir's store/ are not): move it and its "
+                "-wal and -shm files aside to start with an empty index, or restore it from a backup"
+            )
+        raise IndexUnavailable(f"the index {where} cannot be opened: {reason}{hint}") from exc
+
+
 class IndexBase:
     """The engines and transaction helpers that every stage's methods share.
 
@@ -226,7 +248,7 @@ class IndexBase:
         else:
             self._write = sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
             self._read = self._write
-        metadata.create_all(self._write)
+        _opened(url, self._write)
 
     def close(self) -> None:
         """Dispose of the engines' connection pools."""
