@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pynetdicom import evt
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
@@ -166,6 +167,9 @@ def _check_user_information(value: memoryview) -> None:
 def check_associate_rq(pdu: bytes) -> tuple[Verdict, str] | None:
     """Check a whole A-ASSOCIATE-RQ PDU (header included) against PS3.8 9.3.2.
 
+    The front door uses :func:`_checked_associate_rq`, which also returns
+    pynetdicom's decoding of an acceptable request.
+
     Parameters
     ----------
     pdu : bytes
@@ -179,6 +183,12 @@ def check_associate_rq(pdu: bytes) -> tuple[Verdict, str] | None:
         (PS3.8 9.2 action AA-1: invalid PDU); an unsupported protocol version
         is an A-ASSOCIATE-RJ (PS3.8 9.3.4).
     """
+    found = _checked_associate_rq(pdu)
+    return found if isinstance(found, tuple) else None
+
+
+def _checked_associate_rq(pdu: bytes) -> tuple[Verdict, str] | A_ASSOCIATE_RQ:
+    """:func:`check_associate_rq`, returning the decoded PDU (its primitive built) when it passes."""
     try:
         if len(pdu) < 6 + _RQ_FIXED:
             raise _Bad(AbortReason.MALFORMED_REQUEST, f"A-ASSOCIATE-RQ of {len(pdu)} bytes, under the fixed fields")
@@ -215,10 +225,14 @@ def check_associate_rq(pdu: bytes) -> tuple[Verdict, str] | None:
     try:
         rq = A_ASSOCIATE_RQ()
         rq.decode(pdu)
-        rq.to_primitive()
+        primitive = rq.to_primitive()
     except Exception as e:
         return AbortReason.MALFORMED_REQUEST, f"pynetdicom cannot decode it ({type(e).__name__})"
-    return None
+    # pynetdicom decodes the replayed request again and builds its primitive
+    # again (_decoded_once); for a sender that proposes every storage SOP class
+    # those two were a third of an association's CPU. This one is handed over.
+    rq.to_primitive = lambda: primitive  # type: ignore[method-assign]
+    return rq
 
 
 # ------------------------------------------------------------------- logging
@@ -289,6 +303,8 @@ class _Handoff:
     sock: socket.socket
     replay: bytes
     door: FrontDoor
+    #: pynetdicom's decoding of ``replay`` (the A-ASSOCIATE-RQ), done by the check.
+    request: A_ASSOCIATE_RQ | None = None
     assoc: Association | None = None
 
 
@@ -420,6 +436,29 @@ def abort_association(abort: Abort, detail: str) -> bool:
     return True
 
 
+def _decoded_once(assoc: Association, replay: bytes, request: A_ASSOCIATE_RQ) -> None:
+    """Let the DUL take the front door's decoding of the request instead of decoding its bytes again.
+
+    ``DULServiceProvider._decode_pdu(bytestream)`` is replaced for its first
+    call only, and only if the bytes are the replayed request; it triggers the
+    same two events pynetdicom's does (EVT_DATA_RECV, EVT_PDU_RECV) and gives
+    event Evt6 (A-ASSOCIATE-RQ PDU received, PS3.8 Table 9-10). Any other call
+    goes to pynetdicom's own method.
+    """
+    dul = assoc.dul
+    original = dul._decode_pdu
+
+    def decode(bytestream: bytearray) -> tuple[Any, str]:
+        dul._decode_pdu = original  # type: ignore[method-assign]
+        if bytes(bytestream) != replay:
+            return original(bytestream)
+        evt.trigger(assoc, evt.EVT_DATA_RECV, {"data": replay})
+        evt.trigger(assoc, evt.EVT_PDU_RECV, {"pdu": request})
+        return request, "Evt6"
+
+    dul._decode_pdu = decode  # type: ignore[method-assign]
+
+
 class _HandoffHandler(RequestHandler):
     """pynetdicom's request handler, given a :class:`_Handoff` instead of a bare socket."""
 
@@ -435,6 +474,8 @@ class _HandoffHandler(RequestHandler):
         door = self._handoff.door
         sock = _BoundedSocket(original, self._handoff.replay, door, self.client_address[0], event_driven(assoc))
         assoc.dul.socket = sock
+        if self._handoff.request is not None:
+            _decoded_once(assoc, self._handoff.replay, self._handoff.request)
         # pynetdicom's idle timer aborts a silent association (A-ABORT) and says
         # so only at ERROR without the peer; asked once before that abort, this counts and logs it.
         expired = assoc.dul.idle_timer_expired
@@ -448,6 +489,23 @@ class _HandoffHandler(RequestHandler):
         assoc.dul.idle_timer_expired = idle_timer_expired  # type: ignore[method-assign]
         self._handoff.assoc = assoc
         return assoc
+
+
+class _SharedContexts(list):  # type: ignore[type-arg]
+    """The server's supported presentation contexts, shared by its associations instead of deep-copied.
+
+    pynetdicom deep-copies them for every association it creates
+    (``RequestHandler._create_association``): for our 170 storage SOP classes
+    of 45 transfer syntaxes each that took 47 ms, two thirds of the CPU of a
+    C-ECHO association, so a scanner that opens one association per image
+    was held to a few images a second. Nothing changes these objects:
+    EVT_REQUESTED replaces the list with new contexts built from the proposal
+    (:func:`gateway.scp._prefer_requestor_order`), and negotiation builds its
+    own result contexts. A deep copy is therefore a new list of the same ones.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
+        return list(self)
 
 
 class _HandoffServer(AssociationServer):
@@ -468,7 +526,8 @@ class _HandoffServer(AssociationServer):
         reuse_port: bool = False,
     ) -> None:
         self.reuse_port = reuse_port
-        super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers, request_handler=_HandoffHandler)
+        shared = _SharedContexts(contexts)
+        super().__init__(ae, address, ae_title, shared, ssl_context, evt_handlers, request_handler=_HandoffHandler)
 
     def server_bind(self) -> None:
         if self.reuse_port and self.socket is not None:
@@ -743,13 +802,13 @@ class FrontDoor:
             else:
                 conn.need = 6 + length
             return
-        found = check_associate_rq(bytes(conn.buf))
-        if found is not None:
+        found = _checked_associate_rq(bytes(conn.buf))
+        if isinstance(found, tuple):
             self._refuse(conn, *found)
         elif not self._slots.associate():
             self._refuse(conn, RejectReason.TOO_MANY_ASSOCIATIONS, "max_associations reached")
         else:
-            self._handoff(conn)
+            self._handoff(conn, found)
 
     def _refuse(self, conn: _Conn, verdict: Verdict, detail: str) -> None:
         """Answer with an A-ASSOCIATE-RJ or A-ABORT, then wait for the peer to close (PS3.8 9.2, Sta13)."""
@@ -766,12 +825,12 @@ class FrontDoor:
         conn.closing = True
         conn.deadline = time.monotonic() + self.limits.artim_seconds
 
-    def _handoff(self, conn: _Conn) -> None:
-        """Give a valid request to pynetdicom: its socket, the bytes read, its own threads from here."""
+    def _handoff(self, conn: _Conn, request: A_ASSOCIATE_RQ) -> None:
+        """Give a valid request to pynetdicom: its socket, the bytes read and their decoding, its own threads."""
         self._sel.unregister(conn.sock)
         del self._conns[conn.sock.fileno()]
         address = conn.peer[0]
-        handoff = _Handoff(conn.sock, bytes(conn.buf), self)
+        handoff = _Handoff(conn.sock, bytes(conn.buf), self, request)
         try:
             conn.sock.setblocking(True)
             # Bounds every blocking call pynetdicom makes on it, reads and sends alike.

@@ -383,6 +383,45 @@ def test_scp_accepts_the_first_transfer_syntax_the_sender_proposes(gateway_scp: 
     assert [ts for _, ts in both] == [explicit, explicit]
 
 
+def test_an_association_decodes_its_request_once_and_copies_no_context(
+    gateway_scp: RunningSCP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The front door's decoding of the A-ASSOCIATE-RQ is pynetdicom's, and the supported contexts are shared.
+
+    Decoding it twice and deep-copying 170 contexts of 45 transfer syntaxes
+    per association made a C-ECHO association cost 68 ms of CPU
+    (``ops/bench/associations.py``); negotiation must come out the same.
+    """
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.presentation import PresentationContext
+
+    decoded: list[int] = []
+    copied: list[int] = []
+    decode = A_ASSOCIATE_RQ.decode
+
+    def counting_decode(self: A_ASSOCIATE_RQ, bytestream: bytes) -> None:
+        decoded.append(1)
+        decode(self, bytestream)
+
+    def counting_copy(self: PresentationContext, memo: dict[int, Any]) -> PresentationContext:
+        if len(self.transfer_syntax) > 2:  # one of the gateway's (the client copies its own two)
+            copied.append(1)
+        new = PresentationContext()
+        new.__dict__.update(self.__dict__)
+        return new
+
+    monkeypatch.setattr(A_ASSOCIATE_RQ, "decode", counting_decode)
+    monkeypatch.setattr(PresentationContext, "__deepcopy__", counting_copy, raising=False)
+    explicit, implicit = pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian
+    proposed = [(pydicom.uid.MRImageStorage, [explicit, implicit]), (pydicom.uid.CTImageStorage, [implicit])]
+    assert dict(negotiate(gateway_scp.port, proposed)) == {
+        pydicom.uid.MRImageStorage: explicit,
+        pydicom.uid.CTImageStorage: implicit,
+    }
+    assert len(decoded) == 1, f"the request was decoded {len(decoded)} times"
+    assert not copied, f"{len(copied)} presentation contexts were deep-copied for one association"
+
+
 def test_rejections_table_matches_the_association_policy() -> None:
     rows = doc_table("scp-rejections")
     documented = {
