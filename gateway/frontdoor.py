@@ -442,7 +442,7 @@ def _decoded_once(assoc: Association, replay: bytes, request: A_ASSOCIATE_RQ) ->
     ``DULServiceProvider._decode_pdu(bytestream)`` is replaced for its first
     call only, and only if the bytes are the replayed request; it triggers the
     same two events pynetdicom's does (EVT_DATA_RECV, EVT_PDU_RECV) and gives
-    event Evt6 (A-ASSOCIATE-RQ PDU received, PS3.8 Table 9-10). Any other call
+    event Evt6 (A-ASSOCIATE-RQ PDU received, PS3.8 9.2). Any other call
     goes to pynetdicom's own method.
     """
     dul = assoc.dul
