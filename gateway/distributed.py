@@ -64,7 +64,7 @@ from prometheus_client import Counter, Gauge
 from gateway._loop import PeriodicLoop
 from gateway.config import Config, ConfigError, DeviceClass
 from gateway.index import Index
-from gateway.jobs import JobRunner, node_id, take_back_interrupted
+from gateway.jobs import JobRunner, node_id, overdue_error, take_back_interrupted
 from gateway.metrics import Metrics, dependency_checks
 
 try:
@@ -338,7 +338,7 @@ class _LeaseKeeper:
     def _loop(self) -> None:
         while not self._done.wait(min(self.lease / 3, max(0.0, self._started + self.timeout - time.monotonic()))):
             if time.monotonic() - self._started > self.timeout:
-                error = f"ran longer than [jobs] timeout_seconds = {self.timeout:g}; abandoned, not started again"
+                error = overdue_error(self.timeout)
                 if self.index.job_failed(self.job_id, self.owner, error, now=time.time(), retry_at=None):
                     self.on_abandon()
                     log.error("job %d failed for good: %s (its thread runs on until a restart)", self.job_id, error)

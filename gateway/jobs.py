@@ -156,6 +156,11 @@ def take_back_interrupted(
     return queued
 
 
+def overdue_error(timeout: float) -> str:
+    """The error recorded for a job failed for running past ``[jobs] timeout_seconds``, on any executor."""
+    return f"ran longer than [jobs] timeout_seconds = {timeout:g}; abandoned, not started again"
+
+
 class _JobLog(logging.LoggerAdapter[logging.Logger]):
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         return f"[job {self.extra['job']} {self.extra['pipeline']}] {msg}", kwargs  # type: ignore[index]
@@ -457,7 +462,7 @@ class LocalExecutor(PeriodicLoop):
             ]
             room = self.config.jobs.workers - len(self._abandoned)
         for jid, pipeline in overdue[: max(room, 0)]:
-            error = f"ran longer than [jobs] timeout_seconds = {timeout:g}; abandoned, not started again"
+            error = overdue_error(timeout)
             if not self.index.job_failed(jid, self.owner, error, now=time.time(), retry_at=None):
                 continue  # finished, or no longer ours, in the meantime
             with self._lock:

@@ -191,26 +191,22 @@ class JobTable(IndexBase):
             cond = cond & (jobs_t.c.lease_until < now)
         if owner_prefix is not None:
             cond = cond & jobs_t.c.owner.like(f"{owner_prefix}%")
-        taken_back = {"state": JobState.QUEUED.value, "owner": None, "lease_until": None}
         with self._tx() as conn:
-            if max_starts is None and delay is None:
-                res = conn.execute(jobs_t.update().where(cond).values(next_attempt_at=now, **taken_back))
-                return int(res.rowcount or 0), []
             queued, failed = 0, []
             for row in conn.execute(sa.select(jobs_t).where(cond)).all():
                 job = from_row(JobRow, row)
-                one = jobs_t.update().where(cond & (jobs_t.c.id == job.id))
+                one = jobs_t.update().where(cond & (jobs_t.c.id == job.id)).values(owner=None, lease_until=None)
                 if max_starts is not None and job.attempts >= max_starts:
                     error = (
                         f"started {job.attempts} times ([jobs] max_starts = {max_starts}) and its process died "
                         "during the last run (a crash, kill -9 or out of memory); not started again"
                     )
-                    values = {"state": JobState.FAILED.value, "owner": None, "lease_until": None}
-                    if conn.execute(one.values(finished_at=now, error=error, **values)).rowcount:
+                    if conn.execute(one.values(state=JobState.FAILED.value, finished_at=now, error=error)).rowcount:
                         failed.append(job)
                 else:
                     wait = delay(job.attempts) if delay is not None else 0.0
-                    queued += conn.execute(one.values(next_attempt_at=now + wait, **taken_back)).rowcount or 0
+                    res = conn.execute(one.values(state=JobState.QUEUED.value, next_attempt_at=now + wait))
+                    queued += res.rowcount or 0
             return queued, failed
 
     def job_succeeded(
